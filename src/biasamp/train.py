@@ -1,0 +1,223 @@
+"""Training app: ``python -m biasamp.train [dataset=...] [model=...] [rho=...] [experiment=...]``.
+
+Composes the dataset, the EDM-preconditioned DDPM++ denoiser, the LightningModule and the Trainer from
+the Hydra config (conf/train.yaml) and fits. Every config value is checked before any work; a bad value
+stops the run with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from biasamp.checkpoints import load_checkpoint
+from biasamp.data import build_dataset
+from biasamp.data.datamodule import InMemoryDataModule
+from biasamp.io import atomic_write_json, atomic_write_text
+from biasamp.models import build_denoiser
+from biasamp.training import (
+    ConfigError,
+    DiffusionModule,
+    NonFiniteLossError,
+    check_train_config,
+    find_resume_checkpoint,
+)
+from biasamp.training.config_checks import batch_layout
+
+# the EMA copy is a frozen submodule kept in eval mode on purpose
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+SETUP_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotImplementedError, ImportError)
+
+
+def _is_child_rank() -> bool:
+    """True in the extra processes Lightning's DDP launcher starts (they re-run this script)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+
+
+def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
+    if cfg.ckpt_path is not None:
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+        return path
+    found = find_resume_checkpoint(ckpt_dir)
+    if cfg.resume == "auto":
+        return found
+    if found is not None and not _is_child_rank():
+        raise ConfigError(
+            f"run folder {ckpt_dir.parent} already holds checkpoints ({found.name}); "
+            "pass resume=auto to continue it, or name=<new name> for a new run"
+        )
+    return None
+
+
+def _check_compatible(ckpt: dict[str, Any], module: DiffusionModule, path: Path) -> None:
+    """A checkpoint from a different network shape stops the run before training, naming the difference."""
+    old = ckpt.get("hyper_parameters", {}).get("config", {})
+    for key in ("model", "dataset"):
+        for sub in ("net", "img_resolution", "name"):
+            a = (old.get(key) or {}).get(sub)
+            b = module.hparams["config"][key].get(sub)
+            if a is not None and b is not None and a != b:
+                raise ConfigError(f"checkpoint {path} was trained with {key}.{sub}={a}, this run has {b}; "
+                                  "use the checkpoint's settings or start a new run")
+    state = module.state_dict()
+    for k, v in ckpt["state_dict"].items():
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
+            raise ConfigError(f"checkpoint {path} does not fit this model: {k} has shape {tuple(v.shape)}, "
+                              f"the model expects {tuple(state[k].shape)}")
+    missing = sorted(set(state) - set(ckpt["state_dict"]))
+    if missing:
+        raise ConfigError(f"checkpoint {path} does not fit this model: it lacks {missing[0]} "
+                          f"(and {len(missing) - 1} more entries)")
+
+
+def _logger(cfg: DictConfig) -> Any:
+    if not cfg.get("logger") or "_target_" not in cfg.logger:
+        return False
+    if "Wandb" in cfg.logger._target_:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as err:
+            raise ImportError("logger=wandb needs the wandb package: pip install -e '.[wandb]' "
+                              "(or use logger=csv)") from err
+    return instantiate(cfg.logger)
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, DiffusionModule, InMemoryDataModule, Path | None]:
+    """Build everything for a run; raises one of SETUP_ERRORS on bad input, before any training."""
+    check_train_config(cfg)
+    world, batch_gpu, accumulate = batch_layout(cfg)
+    resume_from = _resume_path(cfg, run_dir / "checkpoints")
+
+    L.seed_everything(cfg.seed, workers=False, verbose=False)
+    dataset = build_dataset(OmegaConf.to_container(cfg.dataset, resolve=True))
+    denoiser = build_denoiser(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        img_resolution=dataset.img_resolution,
+        in_channels=dataset.in_channels,
+        label_dim=dataset.num_classes,
+    )
+    max_steps = cfg.trainer.max_steps
+    if max_steps is None or max_steps == -1:
+        max_steps = math.ceil(cfg.total_kimg * 1000 / cfg.batch_size)
+    metadata = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "data": dataset.summary(),
+        "label_dim": dataset.num_classes,
+        "img_resolution": dataset.img_resolution,
+        "in_channels": dataset.in_channels,
+        "class_names": list(dataset.class_names),
+        "bias_names": list(dataset.bias_names),
+        "rho_data": float(dataset.rho_effective),
+    }
+    module = DiffusionModule(
+        denoiser=denoiser,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        lr_schedule=instantiate(cfg.lr_schedule),
+        batch_total=cfg.batch_size,
+        total_img=max_steps * cfg.batch_size,
+        ema_halflife_kimg=cfg.ema.halflife_kimg,
+        ema_rampup_ratio=cfg.ema.rampup_ratio,
+        seed=cfg.seed,
+        log_every_n_steps=cfg.log_every_n_steps,
+        ema_loss_every_n_steps=cfg.ema_loss_every_n_steps,
+        max_nonfinite_steps=cfg.max_nonfinite_steps,
+        metadata=metadata,
+    )
+    if resume_from is not None:
+        _check_compatible(load_checkpoint(resume_from), module, resume_from)
+    datamodule = InMemoryDataModule(dataset, batch_gpu=batch_gpu, seed=cfg.seed, on_device=cfg.data.on_device)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
+    trainer_kwargs.pop("max_steps", None)
+    trainer = instantiate(
+        trainer_kwargs,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        callbacks=callbacks,
+        logger=_logger(cfg),
+        default_root_dir=str(run_dir),
+        log_every_n_steps=cfg.log_every_n_steps,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    return trainer, module, datamodule, resume_from
+
+
+def _prepare_ddp_relaunch() -> None:
+    """Lightning's DDP launcher re-runs ``sys.argv`` in the extra processes. Under a Hydra multirun that
+    would start the whole sweep again in every process; give them this job's own overrides instead, so each
+    job keeps exactly one output folder."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    try:
+        trainer, module, datamodule, resume_from = setup(cfg, run_dir)
+    except SETUP_ERRORS as err:
+        print(f"biasamp.train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(module.hparams_initial))))
+    _prepare_ddp_relaunch()
+    if resume_from is not None and trainer.is_global_zero:
+        print(f"biasamp.train: resuming from {resume_from}")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    except NonFiniteLossError as err:
+        print(f"biasamp.train: error: {err}", file=sys.stderr)
+        sys.exit(3)
+    summary = _summary(trainer, module, run_dir)
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "train_summary.json", summary)
+        print(f"biasamp.train: done: n_img={summary['n_img']} rho_data={summary['rho_data']:.4f} "
+              f"checkpoints in {run_dir / 'checkpoints'}")
+    return summary
+
+
+def _summary(trainer: L.Trainer, module: DiffusionModule, run_dir: Path) -> dict[str, Any]:
+    """Run facts, with per-rank fingerprints gathered from every process (equal weights, distinct RNG)."""
+    mine = module.fingerprint()
+    ranks = [mine]
+    if trainer.world_size > 1 and torch.distributed.is_initialized():
+        ranks = [None] * trainer.world_size
+        torch.distributed.all_gather_object(ranks, mine)
+    return {
+        "run_dir": str(run_dir),
+        "n_img": int(module.n_img),
+        "global_step": int(trainer.global_step),
+        "world_size": int(trainer.world_size),
+        "batch_total": int(module.batch_total),
+        "rho_data": float(module.hparams["rho_data"]),
+        "ranks": ranks,
+    }
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

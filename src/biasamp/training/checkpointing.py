@@ -1,0 +1,95 @@
+"""Checkpoints: kept ones every ``ckpt_every_kimg``, a snapshot overwritten every ``snapshot_every_min``,
+atomic writes, and finding the checkpoint to resume from.
+
+Files in ``<run_dir>/checkpoints/``:
+- ``ckpt-<kimg:07d>.ckpt``: kept, one per ``ckpt_every_kimg`` and one at the end of training;
+- ``snapshot.ckpt``: the most recent time-based snapshot, overwritten.
+Every file is written to ``<name>.tmp`` and renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from biasamp.checkpoints import load_checkpoint
+
+SNAPSHOT_NAME = "snapshot.ckpt"
+
+
+def kept_name(n_img: int) -> str:
+    return f"ckpt-{n_img // 1000:07d}.ckpt"
+
+
+def checkpoint_n_img(path: Path) -> int:
+    return int(load_checkpoint(path)["n_img"])
+
+
+def find_resume_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint with the most images seen in ``ckpt_dir`` (snapshot or kept), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    candidates = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file())
+    if not candidates:
+        return None
+    # ties (a snapshot written at the same step as a kept checkpoint) go to the kept one
+    return max(candidates, key=lambda p: (checkpoint_n_img(p), p.name != SNAPSHOT_NAME))
+
+
+class CheckpointCallback(L.Callback):
+    """Writes kept checkpoints every ``ckpt_every_kimg`` and a snapshot every ``snapshot_every_min``.
+
+    All ranks call ``trainer.save_checkpoint`` together (it is collective under DDP); rank 0 writes the
+    file and renames it into place. The time-based decision is taken on rank 0 and broadcast, so every
+    rank agrees on it.
+    """
+
+    def __init__(self, dirpath: str | Path, ckpt_every_kimg: float, snapshot_every_min: float) -> None:
+        if ckpt_every_kimg <= 0:
+            raise ValueError(f"callbacks.checkpoint.ckpt_every_kimg must be > 0, got {ckpt_every_kimg}")
+        if snapshot_every_min <= 0:
+            raise ValueError(f"callbacks.checkpoint.snapshot_every_min must be > 0, got {snapshot_every_min}")
+        self.dirpath = Path(dirpath)
+        self.ckpt_every_img = int(round(ckpt_every_kimg * 1000))
+        self.snapshot_every_s = snapshot_every_min * 60.0
+        self._last_snapshot = time.monotonic()
+        self._last_saved_n_img: int | None = None
+
+    def _save(self, trainer: L.Trainer, name: str, n_img: int) -> None:
+        final = self.dirpath / name
+        tmp = final.with_name(final.name + ".tmp")
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+        trainer.strategy.barrier("biasamp_checkpoint")
+        self._last_saved_n_img = n_img
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_snapshot = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if getattr(pl_module, "_micro_in_step", 0) != 0:
+            return
+        n_img = int(pl_module.n_img)
+        batch_total = int(pl_module.batch_total)
+        # a kept checkpoint when this step crossed a multiple of ckpt_every_img
+        if n_img // self.ckpt_every_img > (n_img - batch_total) // self.ckpt_every_img:
+            self._save(trainer, kept_name(n_img), n_img)
+        due = time.monotonic() - self._last_snapshot >= self.snapshot_every_s
+        if trainer.world_size > 1:
+            due = bool(trainer.strategy.broadcast(due, src=0))
+        if due:
+            self._save(trainer, SNAPSHOT_NAME, n_img)
+            self._last_snapshot = time.monotonic()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        n_img = int(pl_module.n_img)
+        if self._last_saved_n_img != n_img and n_img > 0:
+            self._save(trainer, kept_name(n_img), n_img)

@@ -1,0 +1,219 @@
+"""The LightningModule that trains an EDM-preconditioned denoiser with EMA and n_img accounting.
+
+Conventions:
+- ``n_img`` counts training images seen over all ranks and gradient-accumulation rounds; it advances by
+  ``batch_total`` per optimizer step, drives the EMA half-life and the lr schedule, and is the x-axis of
+  every logged metric.
+- Randomness of micro-batch ``m`` on rank ``r`` (sigma, noise, label dropout, network dropout) comes from
+  the global torch RNG reseeded with ``(seed, r, m)``; together with the index-seeded data stream this
+  makes a resumed run bit-identical to an uninterrupted one and gives every rank its own noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from biasamp.checkpoints import FORMAT_VERSION
+from biasamp.data.stream import to_model_range
+from biasamp.models import EDMLoss, one_hot
+from biasamp.training.ema import EMA, ema_beta
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss stays NaN/Inf for too many consecutive steps."""
+
+
+def micro_batch_seed(seed: int, rank: int, micro_batch: int) -> int:
+    """A 63-bit seed for the RNG of one micro-batch on one rank, mixed by numpy's SeedSequence."""
+    state = np.random.SeedSequence([seed, rank, micro_batch]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+class DiffusionModule(L.LightningModule):
+    """Wraps ``denoiser`` (an :class:`~biasamp.models.EDMPrecond`) for training.
+
+    Args:
+        denoiser: the preconditioned network D(x; sigma, y).
+        loss: the EDM loss (per-sample weighting).
+        optimizer: a partial optimizer taking ``params`` (Hydra ``_partial_: true``).
+        lr_schedule: factor(n_img, total_img) multiplying the base lr (see ``training.schedules``).
+        batch_total: images per optimizer step over all ranks and accumulation rounds.
+        total_img: images of the whole run (for schedules that need the end).
+        ema_halflife_kimg, ema_rampup_ratio: EMA half-life in kimg and its ramp-up ratio (None: no ramp-up).
+        seed: base seed of the run.
+        log_every_n_steps: interval of metric logging (the only host syncs of the training loop).
+        ema_loss_every_n_steps: interval of the EMA model's loss on the current batch (0: never).
+        max_nonfinite_steps: stop with :class:`NonFiniteLossError` when the loss was NaN/Inf this many
+            consecutive optimizer steps (checked at each logging step).
+        metadata: plain data stored as the checkpoint's hyper-parameters (resolved config, dataset summary).
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        loss: EDMLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_schedule: Callable[[int, int], float],
+        batch_total: int,
+        total_img: int,
+        ema_halflife_kimg: float,
+        ema_rampup_ratio: float | None,
+        seed: int,
+        log_every_n_steps: int = 50,
+        ema_loss_every_n_steps: int = 500,
+        max_nonfinite_steps: int = 100,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+        self.ema = EMA(denoiser)
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule
+        self.batch_total = int(batch_total)
+        self.total_img = int(total_img)
+        self.ema_halflife_kimg = float(ema_halflife_kimg)
+        self.ema_rampup_ratio = ema_rampup_ratio
+        self.seed = int(seed)
+        self.log_every_n_steps = int(log_every_n_steps)
+        self.ema_loss_every_n_steps = int(ema_loss_every_n_steps)
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.label_dim = int(denoiser.label_dim)
+        self.n_img = 0
+        self._micro_in_step = 0
+        self.save_hyperparameters(dict(metadata or {}))
+        # running statistics between logging steps, kept on the device (no per-step host sync)
+        self.register_buffer("_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("_loss_count", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("_grad_norm", torch.zeros(()), persistent=False)
+        self.register_buffer("_nonfinite_streak", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_step_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.last_loss: float | None = None
+
+    # ---------------------------------------------------------------- randomness
+    def _accumulation(self) -> int:
+        return int(self.trainer.accumulate_grad_batches) if self._trainer is not None else 1
+
+    def _micro_batch_index(self) -> int:
+        return self.global_step * self._accumulation() + self._micro_in_step
+
+    def _reseed(self) -> None:
+        rank = self.global_rank if self._trainer is not None else 0
+        torch.manual_seed(micro_batch_seed(self.seed, rank, self._micro_batch_index()))
+
+    # ---------------------------------------------------------------- training
+    def _batch_loss(self, denoiser: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        images, labels, _ = batch
+        x = to_model_range(images)
+        y = one_hot(labels, self.label_dim) if self.label_dim > 0 else None
+        return self.loss_fn(denoiser, x, y)
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        self._reseed()
+        per_sample = self._batch_loss(self.denoiser, batch)
+        loss = per_sample.mean()
+        detached = per_sample.detach().double()
+        self._loss_sum += torch.nan_to_num(detached, nan=0.0, posinf=0.0, neginf=0.0).sum()
+        self._loss_count += torch.isfinite(detached).sum()
+        self._step_nonfinite |= ~torch.isfinite(loss.detach())
+        self._micro_in_step += 1
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.denoiser.parameters() if p.grad is not None]
+        if not grads:
+            return
+        # EDM: replace NaN by 0 and +-Inf by +-1e5 so one bad batch cannot destroy the weights
+        for g in grads:
+            torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
+        self._grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        beta = ema_beta(self.n_img, self.batch_total, self.ema_halflife_kimg, self.ema_rampup_ratio)
+        self.ema.update(self.denoiser, beta)
+        self.n_img += self.batch_total
+        self._micro_in_step = 0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._micro_in_step != 0:  # inside an accumulation round
+            return
+        # consecutive non-finite steps, counted on the device
+        self._nonfinite_streak = torch.where(
+            self._step_nonfinite, self._nonfinite_streak + 1, torch.zeros_like(self._nonfinite_streak)
+        )
+        self._step_nonfinite.zero_()
+        step = self.global_step
+        if step % self.log_every_n_steps == 0 or step == 1:
+            self._log_interval(batch)
+
+    def _log_interval(self, batch: Any) -> None:
+        streak = int(self._nonfinite_streak.item())
+        if streak >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"training loss was NaN/Inf for {streak} consecutive steps (n_img={self.n_img}); "
+                "lower optimizer.lr, check the data range, or raise max_nonfinite_steps to keep going"
+            )
+        count = self._loss_count.clamp(min=1)
+        metrics = {
+            "n_img": float(self.n_img),
+            "train/loss": float((self._loss_sum / count).item()),
+            "train/grad_norm": float(self._grad_norm.item()),
+            "lr": float(self.optimizers().param_groups[0]["lr"]),
+        }
+        if self.ema_loss_every_n_steps > 0 and self.global_step % self.ema_loss_every_n_steps == 0:
+            with torch.no_grad():
+                self._reseed()
+                metrics["train/ema_loss"] = float(self._batch_loss(self.ema, batch).mean().item())
+        self.last_loss = metrics["train/loss"]
+        self._loss_sum.zero_()
+        self._loss_count.zero_()
+        # straight to the loggers: exactly one row per logging step, n_img on every row
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(params=self.denoiser.parameters())
+        schedule, batch_total, total_img = self.lr_schedule, self.batch_total, self.total_img
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda=lambda step: schedule(step * batch_total, total_img)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        for logger in self.loggers:  # wandb: plot every metric against n_img
+            define_metric = getattr(getattr(logger, "experiment", None), "define_metric", None)
+            if type(logger).__name__ == "WandbLogger" and callable(define_metric):
+                define_metric("n_img")
+                define_metric("*", step_metric="n_img")
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["n_img"] = int(self.n_img)
+        checkpoint["biasamp_format"] = FORMAT_VERSION
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.n_img = int(checkpoint["n_img"])
+
+    # ---------------------------------------------------------------- diagnostics
+    def fingerprint(self) -> dict[str, Any]:
+        """Per-rank facts for the run summary: weight checksums and an RNG-state digest."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().double().flatten() for p in self.denoiser.parameters()])
+            ema = torch.cat([p.detach().double().flatten() for p in self.ema.parameters()])
+        rng = hashlib.sha256(torch.random.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+        return {
+            "weights_sum": float(flat.sum()),
+            "weights_abs_sum": float(flat.abs().sum()),
+            "ema_sum": float(ema.sum()),
+            "rng_digest": rng,
+            "last_loss": self.last_loss if self.last_loss is not None else math.nan,
+        }
