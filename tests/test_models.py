@@ -1,4 +1,4 @@
-"""Tests for biasamp.models: DDPM++ structure, EDM preconditioning, loss weightings, label dropout, configs."""
+"""Tests for biasamp.models: DDPM++ structure, EDM preconditioning, loss weightings, label dropout, builder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from torch import nn
+from torch.nn import functional as F
 
 from biasamp.models import (
     WEIGHTINGS,
@@ -20,7 +22,7 @@ from biasamp.models import (
     null_labels,
     one_hot,
 )
-from biasamp.models.ddpmpp import positional_embedding
+from biasamp.models.ddpmpp import Resample, UNetBlock, positional_embedding
 
 MODEL_CONF = Path(__file__).parents[1] / "conf" / "model"
 NATURAL_RESOLUTION = {"ddpmpp_32": 32, "ddpmpp_bmnist": 32, "ddpmpp_64": 64, "tiny": 32}
@@ -49,14 +51,10 @@ def test_cifar_config_param_count_matches_edm_without_augment():
     assert n_params == 55_735_299 - 9 * 128 == 55_734_147
     assert abs(n_params - 55.7e6) / 55.7e6 < 0.01
     # attention: the 4 encoder blocks at 16 px, the decoder's in0 at 8 px and the last decoder block at 16 px
-    attn = [name for name, block in list(net.enc.items()) + list(net.dec.items()) if block.attn is not None]
+    blocks = list(net.enc.items()) + list(net.dec.items())
+    attn = [name for name, block in blocks if getattr(block, "attn", None) is not None]
     assert attn == ["16x16_block0", "16x16_block1", "16x16_block2", "16x16_block3",
                     "8x8_in0", "16x16_block4"]
-
-
-def test_ddpmpp_32_yaml_builds_the_edm_cifar_network():
-    denoiser = build_denoiser(load_model_cfg("ddpmpp_32"), img_resolution=32, in_channels=3, label_dim=10)
-    assert sum(p.numel() for p in denoiser.parameters()) == 55_734_147
 
 
 def test_model_yamls_exist_and_are_named_by_stem():
@@ -71,10 +69,13 @@ def test_model_yamls_exist_and_are_named_by_stem():
 def test_each_model_yaml_maps_images_to_images(path):
     torch.manual_seed(0)
     res = NATURAL_RESOLUTION.get(path.stem, 32)
-    denoiser = build_denoiser(yaml.safe_load(path.read_text()), img_resolution=res, in_channels=3, label_dim=2)
+    cfg = yaml.safe_load(path.read_text())
+    denoiser = build_denoiser(cfg, img_resolution=res, in_channels=3, label_dim=10)
+    if path.stem == "ddpmpp_32":  # the yaml is EDM's conditional CIFAR-10 network
+        assert sum(p.numel() for p in denoiser.parameters()) == 55_734_147
     x = torch.randn(2, 3, res, res)
     with torch.no_grad():
-        out = denoiser.eval()(x, torch.tensor([0.3, 20.0]), one_hot(torch.tensor([0, 1]), 2))
+        out = denoiser.eval()(x, torch.tensor([0.3, 20.0]), one_hot(torch.tensor([0, 7]), 10))
     assert out.shape == x.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all()
 
@@ -91,6 +92,30 @@ def test_fresh_network_output_is_near_zero_and_biases_start_at_zero():
     qkv = net.enc["8x8_block0"].attn.qkv.weight  # (3C, C, 1, 1), C = 32
     bound = math.sqrt(0.2) * math.sqrt(6 / (32 + 96))
     assert qkv.abs().max() <= bound and qkv.abs().max() > 0.9 * bound
+
+
+def test_resample_with_the_1_1_filter_is_average_pooling_and_nearest_upsampling():
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(Resample(3, "down", (1, 1))(x), F.avg_pool2d(x, 2))
+    torch.testing.assert_close(Resample(3, "up", (1, 1))(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def test_unet_block_and_attention_follow_the_written_formulas():
+    torch.manual_seed(0)
+    block = UNetBlock(8, 16, emb_channels=12, down=True, attention=True)
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.3)
+    x, emb = torch.randn(2, 8, 8, 8), torch.randn(2, 12)
+    # residual branch: resample before conv0 and before the 1x1 skip; embedding bias before the second norm
+    h = block.conv0(F.avg_pool2d(F.silu(block.norm0(x)), 2))
+    h = block.conv1(F.silu(block.norm1(h + block.affine(emb)[:, :, None, None])))
+    y = (block.skip(F.avg_pool2d(x, 2)) + h) / math.sqrt(2)
+    # single-head attention over the 16 positions: softmax_k(q . k / sqrt(C)) v, then the 1x1 projection
+    q, k, v = block.attn.qkv(block.attn.norm(y)).flatten(2).chunk(3, dim=1)  # each (B, C, N)
+    weights = torch.softmax(torch.einsum("bcq,bck->bqk", q, k) / math.sqrt(16), dim=2)
+    a = torch.einsum("bqk,bck->bcq", weights, v).reshape(y.shape)
+    expected = (y + block.attn.proj(a)) / math.sqrt(2)
+    torch.testing.assert_close(block(x, emb), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_positional_embedding_is_sin_then_cos_with_endpoint():
@@ -154,6 +179,14 @@ def test_label_dropout_one_in_training_equals_the_null_input():
     assert (conditional - dropped).abs().amax(dim=(1, 2, 3)).min() > 1e-3
 
 
+def test_label_embedding_sees_one_hot_times_sqrt_label_dim():
+    net = tiny_net(label_dim=3)
+    seen = []
+    net.map_label.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    net(torch.randn(2, 3, 16, 16), torch.randn(2), one_hot(torch.tensor([2, 0]), 3))
+    torch.testing.assert_close(seen[0], torch.tensor([[0.0, 0, 1], [1, 0, 0]]) * math.sqrt(3))
+
+
 def test_label_dropout_drops_whole_label_vectors_per_sample():
     net = _randomised_conditional_net(label_dropout=0.5)
     batch = 64
@@ -178,7 +211,7 @@ def test_label_dropout_drops_whole_label_vectors_per_sample():
 
 
 class ProbeNet(nn.Module):
-    """F(x_in, c_noise, y) = 1 everywhere; records its inputs, so that D and the c_* can be read off exactly."""
+    """F(x_in, c_noise, y) = 1 everywhere; records its inputs, so D and the c_* can be read off exactly."""
 
     def forward(self, x, noise_labels, class_labels=None):
         self.seen = (x, noise_labels, class_labels)
@@ -188,7 +221,7 @@ class ProbeNet(nn.Module):
 # hand-computed for sigma_data = 0.5: sigma^2 + sigma_d^2 = 0.5 (sigma 0.5) and 4.25 (sigma 2)
 HAND = {
     0.5: dict(c_skip=0.5, c_out=0.25 / math.sqrt(0.5), c_in=1 / math.sqrt(0.5), c_noise=math.log(0.5) / 4),
-    2.0: dict(c_skip=0.25 / 4.25, c_out=1.0 / math.sqrt(4.25), c_in=1 / math.sqrt(4.25), c_noise=math.log(2) / 4),
+    2.0: dict(c_skip=0.25 / 4.25, c_out=1 / math.sqrt(4.25), c_in=1 / math.sqrt(4.25), c_noise=math.log(2) / 4),
 }
 
 
@@ -254,11 +287,9 @@ def test_loss_weights_against_hand_computed_values(weighting):
 def test_loss_weight_non_default_parameters():
     s = torch.tensor([2.0], dtype=torch.float64)
     # p2 with k=0.5, gamma=0.5: 0.25 / sqrt(0.75)
-    torch.testing.assert_close(loss_weight(s, "p2", p2_k=0.5, p2_gamma=0.5),
-                               torch.tensor([0.25 / math.sqrt(0.75)], dtype=torch.float64))
-    torch.testing.assert_close(loss_weight(s, "min_snr", min_snr_gamma=0.1), torch.tensor([0.1], dtype=torch.float64))
-    # edm with sigma_data 1: (4 + 1) / 4
-    torch.testing.assert_close(loss_weight(s, "edm", sigma_data=1.0), torch.tensor([1.25], dtype=torch.float64))
+    assert loss_weight(s, "p2", p2_k=0.5, p2_gamma=0.5).item() == pytest.approx(0.25 / math.sqrt(0.75))
+    assert loss_weight(s, "min_snr", min_snr_gamma=0.1).item() == pytest.approx(0.1)
+    assert loss_weight(s, "edm", sigma_data=1.0).item() == pytest.approx(1.25)  # (4 + 1) / 4
 
 
 def test_unknown_weighting_is_rejected_at_construction():
@@ -279,7 +310,8 @@ class ZeroDenoiser:
 
 def test_loss_weights_each_sample_by_its_own_sigma():
     torch.manual_seed(0)
-    images = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4), torch.full((1, 4, 4), 2.0)])  # err 0, 1, 4
+    # per-sample errors of D = 0 are 0, 1 and 4
+    images = torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4), torch.full((1, 4, 4), 2.0)])
     denoiser = ZeroDenoiser()
     loss = EDMLoss()(denoiser, images, None)
     sigma = denoiser.sigma.double()
@@ -309,7 +341,8 @@ def test_loss_backpropagates_through_a_built_denoiser():
     torch.manual_seed(0)
     cfg = {"net": dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])}
     denoiser = build_denoiser(cfg, img_resolution=16, in_channels=3, label_dim=2)
-    loss = EDMLoss(weighting="min_snr")(denoiser, torch.randn(4, 3, 16, 16), one_hot(torch.tensor([0, 1, 0, 1]), 2))
+    labels = one_hot(torch.tensor([0, 1, 0, 1]), 2)
+    loss = EDMLoss(weighting="min_snr")(denoiser, torch.randn(4, 3, 16, 16), labels)
     assert loss.shape == (4,)
     loss.mean().backward()
     grads = [p.grad for p in denoiser.parameters()]
@@ -323,15 +356,22 @@ def test_build_denoiser_sets_sigmas_and_label_dim():
     cfg = load_model_cfg("tiny")
     cfg.update(sigma_data=0.7, sigma_min=0.01, sigma_max=50.0)
     denoiser = build_denoiser(cfg, img_resolution=32, in_channels=1, label_dim=0)
-    assert (denoiser.sigma_data, denoiser.sigma_min, denoiser.sigma_max, denoiser.label_dim) == (0.7, 0.01, 50.0, 0)
+    sigmas = (denoiser.sigma_data, denoiser.sigma_min, denoiser.sigma_max)
+    assert sigmas == (0.7, 0.01, 50.0) and denoiser.label_dim == 0
     assert denoiser.net.map_label is None
     assert denoiser(torch.zeros(2, 1, 32, 32), 1.0).shape == (2, 1, 32, 32)
+
+
+def test_build_denoiser_accepts_an_omegaconf_config():
+    cfg = OmegaConf.load(MODEL_CONF / "tiny.yaml")
+    denoiser = build_denoiser(cfg, img_resolution=32, in_channels=3, label_dim=2)
+    assert denoiser.net.noise_channels == cfg.net.model_channels
 
 
 @pytest.mark.parametrize(
     ("net_update", "key", "value"),
     [
-        ({"model_channel": 16}, "model_channel", "model_channels"),  # typo: names the key and the allowed keys
+        ({"model_channel": 16}, "model_channel", "model_channels"),  # typo: names key and allowed keys
         ({"model_channels": 0}, "model.net.model_channels", "0"),
         ({"num_blocks": -1}, "model.net.num_blocks", "-1"),
         ({"channel_mult": [1, 0]}, "model.net.channel_mult", "0"),

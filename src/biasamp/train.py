@@ -171,7 +171,30 @@ def _prepare_ddp_relaunch() -> None:
         sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
 
 
+DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    """Undo the variables Lightning's DDP launcher sets in the main process, so that the next job of a
+    multirun launches its own worker processes instead of believing it is one of them."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    saved_env = {k: os.environ.get(k) for k in DDP_ENV_KEYS}
+    try:
+        return _run(cfg)
+    finally:
+        if torch.distributed.is_initialized():  # the next job of a multirun starts its own process group
+            torch.distributed.destroy_process_group()
+        _restore_env(saved_env)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     try:
         trainer, module, datamodule, resume_from = setup(cfg, run_dir)

@@ -2,7 +2,7 @@
 atomic writes, and finding the checkpoint to resume from.
 
 Files in ``<run_dir>/checkpoints/``:
-- ``ckpt-<kimg:07d>.ckpt``: kept, one per ``ckpt_every_kimg`` and one at the end of training;
+- ``ckpt-<n_img:010d>.ckpt``: kept, one per ``ckpt_every_kimg`` and one at the end of training;
 - ``snapshot.ckpt``: the most recent time-based snapshot, overwritten.
 Every file is written to ``<name>.tmp`` and renamed, so a crash never leaves a half-written checkpoint.
 """
@@ -22,7 +22,8 @@ SNAPSHOT_NAME = "snapshot.ckpt"
 
 
 def kept_name(n_img: int) -> str:
-    return f"ckpt-{n_img // 1000:07d}.ckpt"
+    """File name of a kept checkpoint: the images seen, zero-padded so names sort by n_img."""
+    return f"ckpt-{n_img:010d}.ckpt"
 
 
 def checkpoint_n_img(path: Path) -> int:
