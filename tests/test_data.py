@@ -539,3 +539,14 @@ def test_embedded_build_is_fast():
     assert time.perf_counter() - start < 5.0
     counts = Counter(BiasedMNIST(rho=0.9, classes_to_use=[0, 1], n_confusing_labels=1).biases.tolist())
     assert counts == {0: 400, 1: 400}
+
+
+def test_aligned_count_has_no_float_truncation():
+    from biasamp.data.biased_mnist import aligned_count
+
+    assert int(100 * 0.29) == 28  # what plain int() gives
+    assert aligned_count(100, 0.29) == 29
+    assert aligned_count(400, 0.95) == 380
+    assert aligned_count(400, 0.999) == 399
+    assert aligned_count(7, 1.0) == 7
+    assert aligned_count(7, 0.0) == 0

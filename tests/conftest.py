@@ -1,0 +1,42 @@
+"""Shared test helpers: the real Hydra configs, composed; the train app run as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# fast tests share 2 cores with their subprocesses: keep torch to one thread each
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def compose_train(overrides: list[str], run_dir: Path | str = "/tmp/biasamp-test-run"):
+    """The real conf/train.yaml with overrides, as the app would see it (paths.run_dir made concrete)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.run_dir={run_dir}"])
+
+
+def run_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m biasamp.train <args>`` in ``cwd``, outputs under ``cwd/runs``."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "BIASAMP_OUTPUT_DIR": str(cwd / "runs")}
+    return subprocess.run(
+        [sys.executable, "-m", "biasamp.train", *args, "trainer.enable_progress_bar=false"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
