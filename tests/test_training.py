@@ -214,3 +214,57 @@ def test_non_finite_loss_stops_the_run_with_a_clear_message(tmp_path):
     # NaN gradients were replaced (EDM): the weights stayed finite
     assert all(torch.isfinite(p).all() for p in module.denoiser.parameters())
     assert module.global_step == 10
+
+
+def test_checkpoint_callback_snapshots_keeps_and_finds_the_newest(tmp_path):
+    from biasamp.checkpoints import load_checkpoint
+    from biasamp.training import CheckpointCallback, find_resume_checkpoint
+
+    data = BiasedMNIST(rho=1.0, classes_to_use=[0], no_digit=True, class_size=16, seed=0)
+    module = DiffusionModule(
+        denoiser=build_denoiser(TINY, img_resolution=32, in_channels=3, label_dim=1), loss=EDMLoss(),
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-3), lr_schedule=Constant(), batch_total=8,
+        total_img=40, ema_halflife_kimg=0.5, ema_rampup_ratio=None, seed=0, ema_loss_every_n_steps=0,
+        metadata={"config": {"model": TINY}, "label_dim": 1, "img_resolution": 32, "in_channels": 3,
+                  "class_names": ["0"], "bias_names": ["red"], "rho_data": 1.0},
+    )
+    ckpt_dir = tmp_path / "checkpoints"
+    callback = CheckpointCallback(ckpt_dir, ckpt_every_kimg=0.016, snapshot_every_min=1e-9)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[callback])
+    trainer.fit(module, datamodule=InMemoryDataModule(data, batch_gpu=8, seed=0))
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    # kept every 16 images (2 steps) and at the end (40 images); a snapshot at every step; no temporary files
+    assert names == ["ckpt-0000000016.ckpt", "ckpt-0000000032.ckpt", "ckpt-0000000040.ckpt", "snapshot.ckpt"]
+    assert load_checkpoint(ckpt_dir / "snapshot.ckpt")["n_img"] == 40
+    assert find_resume_checkpoint(ckpt_dir).name == "ckpt-0000000040.ckpt"  # ties go to the kept one
+    (ckpt_dir / "ckpt-0000000040.ckpt").unlink()
+    assert find_resume_checkpoint(ckpt_dir).name == "snapshot.ckpt"
+    assert find_resume_checkpoint(tmp_path / "nothing") is None
+    with pytest.raises(ValueError, match="ckpt_every_kimg"):
+        CheckpointCallback(ckpt_dir, ckpt_every_kimg=0, snapshot_every_min=1)
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
+    from biasamp.checkpoints import load_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="could not be read"):
+        load_checkpoint(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="not a biasamp training checkpoint"):
+        load_checkpoint(tmp_path / "foreign.ckpt")
+    torch.save({"biasamp_format": 1, "state_dict": {}, "hyper_parameters": {"config": {}}}, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="lacks metadata"):
+        load_checkpoint(tmp_path / "bare.ckpt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"biasamp_format": 1, "x": Evil()}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="could not be read"):  # weights_only refuses to run code
+        load_checkpoint(tmp_path / "evil.ckpt")

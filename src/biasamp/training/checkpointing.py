@@ -59,7 +59,7 @@ class CheckpointCallback(L.Callback):
         self.ckpt_every_img = int(round(ckpt_every_kimg * 1000))
         self.snapshot_every_s = snapshot_every_min * 60.0
         self._last_snapshot = time.monotonic()
-        self._last_saved_n_img: int | None = None
+        self._last_kept_n_img: int | None = None
 
     def _save(self, trainer: L.Trainer, name: str, n_img: int) -> None:
         final = self.dirpath / name
@@ -70,7 +70,8 @@ class CheckpointCallback(L.Callback):
         if trainer.is_global_zero:
             os.replace(tmp, final)
         trainer.strategy.barrier("biasamp_checkpoint")
-        self._last_saved_n_img = n_img
+        if name != SNAPSHOT_NAME:
+            self._last_kept_n_img = n_img
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_snapshot = time.monotonic()
@@ -92,5 +93,5 @@ class CheckpointCallback(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         n_img = int(pl_module.n_img)
-        if self._last_saved_n_img != n_img and n_img > 0:
+        if self._last_kept_n_img != n_img and n_img > 0:  # the final state is always kept
             self._save(trainer, kept_name(n_img), n_img)
