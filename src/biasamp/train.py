@@ -8,7 +8,6 @@ stops the run with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +17,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +24,7 @@ from biasamp.checkpoints import load_checkpoint
 from biasamp.data import build_dataset
 from biasamp.data.datamodule import InMemoryDataModule
 from biasamp.io import atomic_write_json, atomic_write_text
+from biasamp.launch import ddp_job, is_child_rank, prepare_relaunch
 from biasamp.models import build_denoiser
 from biasamp.training import (
     ConfigError,
@@ -42,11 +41,6 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 SETUP_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotImplementedError, ImportError)
 
 
-def _is_child_rank() -> bool:
-    """True in the extra processes Lightning's DDP launcher starts (they re-run this script)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
-
-
 def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
     if cfg.ckpt_path is not None:
         path = Path(cfg.ckpt_path)
@@ -56,7 +50,7 @@ def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
     found = find_resume_checkpoint(ckpt_dir)
     if cfg.resume == "auto":
         return found
-    if found is not None and not _is_child_rank():
+    if found is not None and not is_child_rank():
         raise ConfigError(
             f"run folder {ckpt_dir.parent} already holds checkpoints ({found.name}); "
             "pass resume=auto to continue it, or name=<new name> for a new run"
@@ -162,36 +156,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, DiffusionModule, I
     return trainer, module, datamodule, resume_from
 
 
-def _prepare_ddp_relaunch() -> None:
-    """Lightning's DDP launcher re-runs ``sys.argv`` in the extra processes. Under a Hydra multirun that
-    would start the whole sweep again in every process; give them this job's own overrides instead, so each
-    job keeps exactly one output folder."""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, f"hydra.run.dir={hydra_cfg.runtime.output_dir}"]
-
-
-DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def _restore_env(saved: dict[str, str | None]) -> None:
-    """Undo the variables Lightning's DDP launcher sets in the main process, so that the next job of a
-    multirun launches its own worker processes instead of believing it is one of them."""
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
-    saved_env = {k: os.environ.get(k) for k in DDP_ENV_KEYS}
-    try:
+    with ddp_job():
         return _run(cfg)
-    finally:
-        if torch.distributed.is_initialized():  # the next job of a multirun starts its own process group
-            torch.distributed.destroy_process_group()
-        _restore_env(saved_env)
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
@@ -203,7 +170,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         sys.exit(2)
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(module.hparams_initial))))
-    _prepare_ddp_relaunch()
+    prepare_relaunch()
     if resume_from is not None and trainer.is_global_zero:
         print(f"biasamp.train: resuming from {resume_from}")
     try:

@@ -1,0 +1,1 @@
+"""Count jobs: sample a checkpoint under one setting, classify with an oracle, persist exact counts."""

@@ -1,0 +1,128 @@
+"""The sampling-and-counting loop of one count job, resumable after every batch and split over ranks.
+
+Rows are the requested classes (and ``uncond``); row r's sample i uses the noise stream of
+(row_seed(seed, class index), i), so its image depends on nothing else: not the batch size, not the number
+of processes, not on interruptions. Each global batch covers the next ``batch_size * world`` indices of the
+row; rank k takes the k-th slice, every rank's counts are summed (``reduce``) and the writer persists the
+state before the next batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from biasamp.counting.state import CountState
+from biasamp.models import one_hot
+from biasamp.oracles import Oracle
+from biasamp.sampling import IndexNoise, guided_denoiser, sample
+
+
+def row_seed(seed: int, class_index: int) -> int:
+    """The noise seed of one row (class index; the unconditional row uses index label_dim)."""
+    return int(np.random.SeedSequence([seed, class_index]).generate_state(1, dtype=np.uint32)[0])
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # class name, or "uncond"
+    class_index: int | None  # None: the unconditional row
+
+
+@dataclass
+class CountSetup:
+    net: torch.nn.Module  # EDM-preconditioned denoiser D(x, sigma, class_labels), eval mode, on `device`
+    oracle: Oracle
+    sampler: Mapping[str, Any]
+    guidance: float
+    guidance_uncond: str
+    guidance_interval: tuple[float, float] | None
+    seed: int
+    label_dim: int
+    image_shape: tuple[int, int, int]
+    device: torch.device
+
+    @property
+    def count_shape(self) -> tuple[int, ...]:
+        return (*[len(v) for v in self.oracle.value_names], 2)
+
+    def generate(self, row: Row, indices: Tensor) -> tuple[Tensor, float]:
+        """Images (B, C, H, W) in [-1, 1] of the given sample indices of ``row``, and NFE per image."""
+        labels = None
+        if row.class_index is not None:
+            labels = one_hot(torch.full((len(indices),), row.class_index, dtype=torch.long), self.label_dim)
+            labels = labels.to(self.device)
+        denoiser = guided_denoiser(self.net, labels, guidance=self.guidance, uncond=self.guidance_uncond,
+                                   interval=self.guidance_interval, label_dim=self.label_dim)
+        key = row.class_index if row.class_index is not None else self.label_dim
+        noise = IndexNoise(row_seed(self.seed, key), indices.to(self.device), self.image_shape, device=self.device)
+        x = sample(denoiser, noise, self.sampler, sigma_min=self.net.sigma_min, sigma_max=self.net.sigma_max)
+        return x.clamp(-1.0, 1.0), float(denoiser.nfe)
+
+    def classify(self, images: Tensor) -> np.ndarray:
+        """Flattened counts over (value of each attribute..., valid) of a batch."""
+        out = self.oracle(images)
+        shape = self.count_shape
+        cells = torch.cat([out.bias, out.valid.long().unsqueeze(1)], dim=1)  # (B, A + 1)
+        strides = torch.tensor([int(np.prod(shape[i + 1:])) for i in range(len(shape))], device=cells.device)
+        flat = (cells * strides).sum(dim=1)
+        return torch.bincount(flat, minlength=int(np.prod(shape))).cpu().numpy().astype(np.int64)
+
+
+@dataclass
+class RunStats:
+    images: int = 0  # generated in this session, all ranks
+    seconds: float = 0.0
+    nfe_per_image: float = float("nan")
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+@torch.inference_mode()
+def run_rows(setup: CountSetup, state: CountState, rows: Sequence[Row], n_per_class: int, batch_size: int,
+             rank: int = 0, world: int = 1, reduce: Callable[[np.ndarray], np.ndarray] = lambda a: a,
+             on_batch: Callable[[CountState, int], None] = lambda state, n: None) -> RunStats:
+    """Sample and count every row up to ``n_per_class`` samples, continuing from ``state``.
+
+    ``reduce`` sums a counts array over ranks (identity for one process); ``on_batch(state, n_new)`` runs
+    after each global batch on every rank (the writer persists the state there).
+    """
+    stats = RunStats()
+    start_time = time.perf_counter()
+    for row in rows:
+        state.row(row.name)
+        start = state.done[row.name]
+        while start < n_per_class:
+            stop = min(start + batch_size * world, n_per_class)
+            lo = min(start + rank * batch_size, stop)
+            hi = min(lo + batch_size, stop)
+            delta = np.zeros(int(np.prod(setup.count_shape)), dtype=np.int64)
+            if hi > lo:
+                images, nfe = setup.generate(row, torch.arange(lo, hi))
+                delta = setup.classify(images)
+                stats.nfe_per_image = nfe
+            delta = reduce(delta)
+            if int(delta.sum()) != stop - start:
+                raise RuntimeError(f"row {row.name}: counted {int(delta.sum())} samples for indices "
+                                   f"{start}..{stop - 1}; the ranks disagree")
+            state.add(row.name, delta, stop)
+            stats.images += stop - start
+            stats.seconds = time.perf_counter() - start_time
+            on_batch(state, stop - start)
+            start = stop
+    stats.seconds = time.perf_counter() - start_time
+    return stats
+
+
+@torch.inference_mode()
+def grid_images(setup: CountSetup, rows: Sequence[Row], per_row: int) -> Tensor:
+    """The first ``per_row`` samples of every row (the same images the counts saw), (rows*per_row, C, H, W)."""
+    return torch.cat([setup.generate(row, torch.arange(per_row))[0] for row in rows])

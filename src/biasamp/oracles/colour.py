@@ -1,0 +1,74 @@
+"""The colour oracle for Biased MNIST: the background colour of a generated image, by the seed's rule.
+
+Rule (docs/himyb.md): map the image to [0, 1]; pixels with any channel < 0.7 are background (the digit is
+white); take the mean RGB of the background pixels times 255; the bias is the nearest palette colour by
+Euclidean distance, among the allowed colours (by default the colours of the model's classes).
+
+Added here: ``valid`` is False when that mean colour is farther than ``max_distance`` (RGB units, 0..255)
+from every allowed colour, or when the image has no background pixel, so poor samples are visible instead of
+silently counted as their nearest colour. The palette's closest pair (orange, yellow) is 101.5 apart, so the
+default 50 keeps every valid call unambiguous. ``confidence`` = 1 - d_nearest / d_second (0: a tie).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from biasamp.data.palette import COLOUR_NAMES, PALETTE
+from biasamp.oracles.base import OracleOutput
+
+BACKGROUND_THRESHOLD = 0.7  # a pixel with any channel below this (in [0, 1]) is background
+
+
+class ColourOracle:
+    """Background colour of (B, 3, H, W) images in [-1, 1] among ``colours`` (palette names, in bias order)."""
+
+    attributes = ["colour"]
+    confusion = None
+
+    def __init__(self, colours: Sequence[str], max_distance: float = 50.0) -> None:
+        unknown = [c for c in colours if c not in COLOUR_NAMES]
+        if unknown or not colours:
+            raise ValueError(f"oracle.allowed_colours={list(colours)!r}: unknown colour(s) {unknown}; "
+                             f"allowed: {list(COLOUR_NAMES)}")
+        if len(set(colours)) != len(colours):
+            raise ValueError(f"oracle.allowed_colours={list(colours)!r} has duplicates")
+        if not max_distance > 0:
+            raise ValueError(f"oracle.max_distance={max_distance!r} must be > 0")
+        self.value_names = [list(colours)]
+        self.max_distance = float(max_distance)
+        rgb = PALETTE[[COLOUR_NAMES.index(c) for c in colours]]
+        self.palette = torch.as_tensor(rgb, dtype=torch.float32)  # (V, 3), 0..255
+
+    def to(self, device: torch.device | str) -> ColourOracle:
+        self.palette = self.palette.to(device)
+        return self
+
+    def background_rgb(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean background colour (B, 3) in 0..255, and whether the image had any background pixel (B,)."""
+        x = (images.float().clamp(-1, 1) + 1) / 2  # [-1, 1] -> [0, 1]
+        background = (x < BACKGROUND_THRESHOLD).any(dim=1, keepdim=True)  # (B, 1, H, W)
+        n_background = background.sum(dim=(1, 2, 3))
+        mean = (x * background).sum(dim=(2, 3)) / n_background.clamp(min=1).unsqueeze(1)
+        # no background pixel at all: use the mean of the whole image (and mark the sample invalid)
+        mean = torch.where(n_background.unsqueeze(1) > 0, mean, x.mean(dim=(2, 3)))
+        return mean * 255.0, n_background > 0
+
+    def __call__(self, images: Tensor) -> OracleOutput:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"the colour oracle needs RGB images (B, 3, H, W), got {tuple(images.shape)}")
+        rgb, has_background = self.background_rgb(images)
+        palette = self.palette.to(rgb.device)
+        dist = torch.cdist(rgb.double(), palette.double())  # (B, V)
+        if dist.shape[1] > 1:
+            two = dist.topk(2, dim=1, largest=False)
+            nearest, d1, d2 = two.indices[:, 0], two.values[:, 0], two.values[:, 1]
+            confidence = 1.0 - d1 / d2.clamp(min=1e-12)
+        else:
+            nearest, d1 = torch.zeros(len(rgb), dtype=torch.long, device=rgb.device), dist[:, 0]
+            confidence = torch.ones_like(d1)
+        valid = has_background & (d1 <= self.max_distance)
+        return OracleOutput(bias=nearest.unsqueeze(1), confidence=confidence.float().unsqueeze(1), valid=valid)
