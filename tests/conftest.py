@@ -32,11 +32,28 @@ def compose_train(overrides: list[str], run_dir: Path | str = "/tmp/biasamp-test
         return compose("train", overrides=[*overrides, f"paths.run_dir={run_dir}"])
 
 
-def run_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m biasamp.train <args>`` in ``cwd``, outputs under ``cwd/runs``."""
+def run_app(app: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m biasamp.<app> <args>`` in ``cwd``, outputs under ``cwd/runs``."""
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "BIASAMP_OUTPUT_DIR": str(cwd / "runs")}
-    return subprocess.run(
-        [sys.executable, "-m", "biasamp.train", *args, "trainer.enable_progress_bar=false"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    return subprocess.run([sys.executable, "-m", f"biasamp.{app}", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_train(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_app("train", [*args, "trainer.enable_progress_bar=false"], cwd, timeout)
+
+
+def run_count(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_app("count", args, cwd, timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-class (digits 0 and 1) tiny model trained for a few steps on the embedded Biased MNIST."""
+    cwd = tmp_path_factory.mktemp("tiny_ckpt")
+    proc = run_train(["experiment=quickstart", "dataset.classes_to_use=[0,1]", "batch_size=32",
+                      "trainer.max_steps=20", "name=tiny2"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = sorted((cwd / "runs" / "train" / "tiny2" / "checkpoints").glob("ckpt-*.ckpt"))
+    return ckpt

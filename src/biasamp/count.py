@@ -221,7 +221,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     )
     lock = _job_lock(job_dir) if writer else contextlib.nullcontext()
     with lock:
-        bar = tqdm(total=todo, unit="img", desc=job_dir.name[:40], disable=not writer or todo == 0,
+        bar = tqdm(total=todo, unit="img", desc=job_dir.name.split("__")[-1], disable=not writer or todo == 0,
                    dynamic_ncols=True, file=sys.stderr)
 
         def on_batch(state: CountState, n_new: int) -> None:
