@@ -293,6 +293,53 @@ def test_ode_solvers_converge_at_their_order():
         assert 6.0 < ratio < 12.0
 
 
+class LambdaPolynomialDenoiser:
+    """D(x; sigma) = a + b lambda + c lambda^2 with lambda = -log sigma, whatever x (per-channel a, b, c)."""
+
+    def __init__(self, a: float, b: float, c: float) -> None:
+        self.coef = (a, b, c)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        a, b, c = self.coef
+        lam = -torch.log(sigma.double()).reshape(-1, *([1] * (x.ndim - 1)))
+        return (a + b * lam + c * lam**2).expand_as(x).to(torch.float32)
+
+    def ode_solution(self, x_start: torch.Tensor, sigma_start: float, sigma_end: float) -> torch.Tensor:
+        """dx/dlambda = D - x solved exactly: a quadratic particular solution plus the decaying homogeneous one."""
+        a, b, c = self.coef
+
+        def particular(u: float) -> float:
+            return (a - b + 2 * c) + (b - 2 * c) * u + c * u * u
+
+        lam0, lam1 = -math.log(sigma_start), -math.log(sigma_end)
+        return particular(lam1) + (x_start.double() - particular(lam0)) * math.exp(lam0 - lam1)
+
+
+def test_dpmpp_2m_steps_by_hand():
+    denoiser = LambdaPolynomialDenoiser(0.3, -0.2, 0.05)
+    noise = IndexNoise(0, torch.arange(3), SHAPE)
+    sigmas = torch.tensor([4.0, 2.0, 0.5, 0.0], dtype=torch.float64)
+    d = [denoiser(noise(0), torch.full((3,), v)) for v in (4.0, 2.0, 0.5)]
+    x0 = noise(0) * 4.0
+    # step 0, first order: x1 = (s1/s0) x0 + (1 - s1/s0) D0
+    x1 = 0.5 * x0 + 0.5 * d[0]
+    # step 1, 2M: h0 = ln 2, h1 = ln 4, r = h0/h1 = 1/2: x2 = (s2/s1) x1 + (1 - s2/s1) ((1 + 1/(2r)) D1 - D0/(2r))
+    x2 = 0.25 * x1 + 0.75 * (2.0 * d[1] - d[0])
+    torch.testing.assert_close(sample_dpmpp(denoiser, noise, sigmas[:3], order=2), x2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sample_dpmpp(denoiser, noise, sigmas, order=2), d[2])  # to sigma 0: the denoised
+
+
+def test_dpmpp_3m_is_exact_when_denoised_is_quadratic_in_lambda():
+    denoiser = LambdaPolynomialDenoiser(0.3, -0.2, 0.05)
+    noise = IndexNoise(0, torch.arange(100), SHAPE)
+    sigmas = karras_sigmas(8, SIGMA_MIN, SIGMA_MAX)[:-1]
+    exact = denoiser.ode_solution(noise(0) * SIGMA_MAX, SIGMA_MAX, SIGMA_MIN)
+    err_3m = (sample_dpmpp(denoiser, noise, sigmas, order=3).double() - exact).abs().max().item()
+    err_2m = (sample_dpmpp(denoiser, noise, sigmas, order=2).double() - exact).abs().max().item()
+    # only the lower-order warm-up steps err, and the ODE contracts their error by sigma_min / sigma_2
+    assert err_3m < 1e-4 and err_2m > 0.1
+
+
 def test_deterministic_ode_maps_noise_to_data():
     gauss = MixtureDenoiser([1.0], [GAUSS_MU], [GAUSS_SD])
     noise = IndexNoise(3, torch.arange(2000), SHAPE)
@@ -343,18 +390,22 @@ def test_stochastic_samplers_have_the_right_marginal(name, run):
 
 
 def test_stochastic_samplers_use_fresh_noise_per_step():
-    """With D = 0 the ancestral update is linear: x_N = sum of independently scaled draws, each used once."""
+    """With D = 0 the ancestral step is x' = x sigma_down / sigma + s_noise sigma_up eps_{i+1}: check every state."""
     noise = RecordingNoise(0, torch.arange(8), SHAPE)
+    recorder = RecordingDenoiser()
     sigmas = karras_sigmas(5, SIGMA_MIN, SIGMA_MAX)
-    x = sample_euler_ancestral(RecordingDenoiser(), noise, sigmas, eta=0.5, s_noise=1.3)
+    sample_euler_ancestral(recorder, noise, sigmas, eta=0.5, s_noise=1.3)
     assert noise.draws == [0, 1, 2, 3, 4]  # the last step (to sigma 0) draws nothing
+    assert recorder.sigmas == pytest.approx(sigmas[:-1].tolist(), rel=1e-6)
     expected = noise(0) * sigmas[0].item()
     s = sigmas.tolist()
-    for i in range(5):
+    for i in range(4):
+        torch.testing.assert_close(recorder.inputs[i][0], expected, rtol=1e-5, atol=1e-5)
         up = min(s[i + 1], 0.5 * math.sqrt(s[i + 1] ** 2 * (s[i] ** 2 - s[i + 1] ** 2) / s[i] ** 2))
         down = math.sqrt(s[i + 1] ** 2 - up**2)
+        assert up > 0.1 * s[i + 1] and down > 0.1 * s[i + 1]
         expected = expected * (down / s[i]) + up * 1.3 * noise(i + 1)
-    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recorder.inputs[4][0], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_churn_gamma_window_and_noise():

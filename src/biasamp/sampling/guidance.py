@@ -81,13 +81,15 @@ class GuidedDenoiser:
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(batch)
         if self.class_labels is None:
             return self._forward(x, sigma, None, batch)  # unconditional samples: no guidance applies
+        if self.class_labels.shape[0] not in (1, batch):
+            raise ValueError(f"class_labels hold {self.class_labels.shape[0]} rows for a batch of {batch} samples")
         labels = self.class_labels.to(x.device).expand(batch, -1)
         if self.guidance == 0:
             return self._forward(x, sigma, labels, batch)
         inside = None
         if self.interval is not None:
             inside = (sigma >= self.interval[0]) & (sigma <= self.interval[1])  # guide only where lo <= σ <= hi
-            if not bool(inside.any()):
+            if not bool(inside.any()):  # (one host sync per call on an accelerator)
                 return self._forward(x, sigma, labels, batch)  # no sample guided: skip the uncond rows
         if self.uncond == "null":
             branch_labels = [labels, torch.zeros_like(labels)]

@@ -52,7 +52,7 @@ def sample_edm(denoiser: Denoiser, noise: IndexNoise, sigmas: Tensor, solver: st
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver={solver!r} is not allowed: must be heun or euler")
     x, t = _initial(noise, sigmas)
-    n_churn = len(t) - 1
+    n_churn = len(t) - 1 if num_steps is None else int(num_steps)
     for i in range(len(t) - 1):
         t_cur, t_next = t[i], t[i + 1]
         gamma = min(s_churn / n_churn, _SQRT2_M1) if s_churn > 0 and s_min <= t_cur <= s_max else 0.0
