@@ -52,7 +52,7 @@ def run_count(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comp
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-class (digits 0 and 1) tiny model trained for a few steps on the embedded Biased MNIST."""
     cwd = tmp_path_factory.mktemp("tiny_ckpt")
-    proc = run_train(["experiment=quickstart", "dataset.classes_to_use=[0,1]", "batch_size=32",
+    proc = run_train(["experiment=quickstart", "batch_size=32",
                       "trainer.max_steps=20", "name=tiny2"], cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (ckpt,) = sorted((cwd / "runs" / "train" / "tiny2" / "checkpoints").glob("ckpt-*.ckpt"))

@@ -38,9 +38,9 @@ def test_background_mean_follows_the_seed_rule():
 
 
 def test_invalid_when_far_from_every_allowed_colour_or_no_background():
-    oracle = ColourOracle(["red", "green", "blue"], max_distance=50)
+    oracle = ColourOracle(["red", "green", "blue"], max_distance=80)
     images = torch.cat([
-        _solid((250, 10, 5)),      # near red: valid
+        _solid((235, 42, 39)),     # a typical generated red, 60.7 from red: valid
         _solid((60, 60, 200)),     # 101 from blue: invalid, still called blue
         _solid((255, 255, 255)),   # no background pixel: invalid
         _solid((255, 0, 128)),     # rose is not allowed: nearest allowed is red, 128 away: invalid
@@ -48,6 +48,9 @@ def test_invalid_when_far_from_every_allowed_colour_or_no_background():
     out = oracle(images)
     assert out.bias[:, 0].tolist()[:2] == [0, 2] and out.bias[3, 0].item() == 0
     assert out.valid.tolist() == [True, False, False, False]
+    # midway between orange (255,128,0) and yellow (225,225,0): within 80 of both, so a near tie: invalid
+    tie = ColourOracle(["orange", "yellow"])(_solid((240, 176, 0)))
+    assert tie.confidence.item() < 0.2 and not tie.valid.item()
 
 
 def test_allowed_colours_restrict_the_choice():
@@ -76,8 +79,8 @@ def test_build_oracle_orders_values_like_the_classes_and_checks_the_fit():
         ColourOracle(["red", "teal"])
 
 
-def test_palette_pairwise_distances_justify_the_default_threshold():
+def test_palette_pairwise_distances_need_the_confidence_guard():
     d = np.linalg.norm(PALETTE[:, None, :].astype(float) - PALETTE[None, :, :].astype(float), axis=-1)
     closest = d[np.triu_indices(10, 1)].min()
     assert closest == pytest.approx(101.5, abs=0.1)
-    assert 2 * 50.0 < closest  # a colour within 50 of one palette entry cannot be within 50 of another
+    assert 2 * 80.0 > closest  # a colour can be within max_distance of two entries: min_confidence decides

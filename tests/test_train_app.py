@@ -140,7 +140,7 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     # the checkpoint is self-contained: the EMA denoiser rebuilds from it alone and matches its weights
     denoiser, meta = load_denoiser(run_a / "checkpoints" / "ckpt-0000000128.ckpt")
     assert meta["rho_data"] == pytest.approx(0.9) and meta["n_img"] == 128
-    assert meta["class_names"] == [str(d) for d in range(10)] and meta["bias_names"][0] == "red"
+    assert meta["class_names"] == ["0", "1"] and meta["bias_names"] == ["red", "green"]
     assert all(torch.equal(v, ema_a[k]) for k, v in denoiser.state_dict().items())
     x = torch.zeros(2, 3, 32, 32)
     assert denoiser(x, torch.tensor([1.0, 2.0])).shape == x.shape
@@ -166,7 +166,7 @@ def test_multirun_gives_one_folder_per_rho(tmp_path):
         run = root / f"quickstart_rho{rho}_seed0"
         recorded = yaml.safe_load((run / "run.yaml").read_text())
         assert recorded["rho_data"] == pytest.approx(rho, abs=1e-9)
-        assert recorded["data"]["n_aligned"] == sum(int(400 * rho + 1e-9) for _ in range(10))
+        assert recorded["data"]["n_aligned"] == 2 * int(400 * rho + 1e-9)
         assert len(_ckpts(run)) == 1
 
 

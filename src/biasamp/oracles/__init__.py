@@ -20,10 +20,10 @@ def build_oracle(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> Oracle:
         raise ValueError(f"oracle={name!r} is not known; available: {list(ORACLES)}")
     dataset = meta["config"]["dataset"]["name"]
     if name == "colour":
-        extra = set(cfg) - {"name", "allowed_colours", "max_distance"}
+        extra = set(cfg) - {"name", "allowed_colours", "max_distance", "min_confidence"}
         if extra:
             raise ValueError(f"oracle.{sorted(extra)[0]} is not an option of oracle=colour "
-                             "(options: allowed_colours, max_distance)")
+                             "(options: allowed_colours, max_distance, min_confidence)")
         if dataset not in COLOUR_DATASETS:
             raise ValueError(f"oracle=colour does not fit dataset {dataset!r} of this checkpoint: it reads "
                              f"background colours, for {list(COLOUR_DATASETS)}; use an oracle for {dataset}")
@@ -34,7 +34,8 @@ def build_oracle(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> Oracle:
                              f"{missing}; every class colour must be allowed")
         # bias value k must be the colour of class k: the checkpoint's colours first, extra allowed ones after
         ordered = list(meta["bias_names"]) + [c for c in colours if c not in meta["bias_names"]]
-        return ColourOracle(ordered, max_distance=cfg.get("max_distance", 50.0))
+        return ColourOracle(ordered, max_distance=cfg.get("max_distance", 80.0),
+                            min_confidence=cfg.get("min_confidence", 0.2))
     raise AssertionError(name)  # unreachable: ORACLES lists every branch
 
 

@@ -4,10 +4,14 @@ Rule (docs/himyb.md): map the image to [0, 1]; pixels with any channel < 0.7 are
 white); take the mean RGB of the background pixels times 255; the bias is the nearest palette colour by
 Euclidean distance, among the allowed colours (by default the colours of the model's classes).
 
-Added here: ``valid`` is False when that mean colour is farther than ``max_distance`` (RGB units, 0..255)
-from every allowed colour, or when the image has no background pixel, so poor samples are visible instead of
-silently counted as their nearest colour. The palette's closest pair (orange, yellow) is 101.5 apart, so the
-default 50 keeps every valid call unambiguous. ``confidence`` = 1 - d_nearest / d_second (0: a tie).
+Added here: ``confidence`` = 1 - d_nearest / d_second (0: a tie, 1: exactly a palette colour), and a
+``valid`` flag, False when the image has no background pixel, when the mean colour is farther than
+``max_distance`` (RGB units, 0..255) from every allowed colour, or when its confidence is below
+``min_confidence`` (nearly as close to a second colour). Invalid samples are still counted as their nearest
+colour, but visibly. Defaults: generated backgrounds sit about 60 from their palette colour (slightly
+desaturated, plus noise), so ``max_distance`` is 80; the palette's closest pair (orange, yellow) is only
+101.5 apart, so points within 80 of two colours exist, and ``min_confidence`` 0.2 (d_nearest <= 0.8
+d_second) rejects them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ class ColourOracle:
     attributes = ["colour"]
     confusion = None
 
-    def __init__(self, colours: Sequence[str], max_distance: float = 50.0) -> None:
+    def __init__(self, colours: Sequence[str], max_distance: float = 80.0, min_confidence: float = 0.2) -> None:
         unknown = [c for c in colours if c not in COLOUR_NAMES]
         if unknown or not colours:
             raise ValueError(f"oracle.allowed_colours={list(colours)!r}: unknown colour(s) {unknown}; "
@@ -38,6 +42,9 @@ class ColourOracle:
             raise ValueError(f"oracle.allowed_colours={list(colours)!r} has duplicates")
         if not max_distance > 0:
             raise ValueError(f"oracle.max_distance={max_distance!r} must be > 0")
+        if not 0 <= min_confidence < 1:
+            raise ValueError(f"oracle.min_confidence={min_confidence!r} must be in [0, 1)")
+        self.min_confidence = float(min_confidence)
         self.value_names = [list(colours)]
         self.max_distance = float(max_distance)
         rgb = PALETTE[[COLOUR_NAMES.index(c) for c in colours]]
@@ -70,5 +77,5 @@ class ColourOracle:
         else:
             nearest, d1 = torch.zeros(len(rgb), dtype=torch.long, device=rgb.device), dist[:, 0]
             confidence = torch.ones_like(d1)
-        valid = has_background & (d1 <= self.max_distance)
+        valid = has_background & (d1 <= self.max_distance) & (confidence >= self.min_confidence)
         return OracleOutput(bias=nearest.unsqueeze(1), confidence=confidence.float().unsqueeze(1), valid=valid)
