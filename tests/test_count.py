@@ -217,3 +217,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("biasamp.count: error: guidance=-0.5 is not allowed")
     assert not list((tmp_path / "runs").glob("count/*/*/state.json"))
+
+
+def test_a_run_folder_names_its_latest_checkpoint(tiny_checkpoint, tmp_path):
+    from biasamp.checkpoints import resolve_checkpoint
+    from biasamp.count import ckpt_name
+
+    run_dir = tiny_checkpoint.parent.parent
+    assert resolve_checkpoint(run_dir) == tiny_checkpoint
+    assert resolve_checkpoint(run_dir / "checkpoints") == tiny_checkpoint
+    assert ckpt_name(run_dir) == ckpt_name(tiny_checkpoint) == f"tiny2-{tiny_checkpoint.stem}"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without checkpoints"):
+        resolve_checkpoint(tmp_path / "empty")

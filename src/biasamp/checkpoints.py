@@ -43,6 +43,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint with the most images seen in ``ckpt_dir`` (kept ones win ties with the snapshot)."""
+    ckpt_dir = Path(ckpt_dir)
+    candidates = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file()) if ckpt_dir.is_dir() else []
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: (int(load_checkpoint(p)["n_img"]), p.name != "snapshot.ckpt"))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or the latest checkpoint of a run folder (``runs/train/<run>``) or of its
+    ``checkpoints/`` folder. Paths that do not exist are returned unchanged (loading then says so)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = latest_checkpoint(folder)
+        if found is None:
+            raise FileNotFoundError(f"checkpoint={path}: a folder without checkpoints (*.ckpt)")
+        return found
+    return path
+
+
 def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The run's metadata: hyper-parameters plus ``n_img``."""
     return {**ckpt["hyper_parameters"], "n_img": int(ckpt["n_img"])}

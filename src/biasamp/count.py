@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import biasamp
 from biasamp.analysis import rho_model_from_counts
-from biasamp.checkpoints import load_denoiser
+from biasamp.checkpoints import load_denoiser, resolve_checkpoint
 from biasamp.counting.files import counts_table, sha256_file, update_results, write_counts, write_matrices
 from biasamp.counting.job import CountSetup, Row, grid_images, run_rows
 from biasamp.counting.state import CountState
@@ -50,8 +50,12 @@ EXPORT_MATRIX = (None, "wide", "seed")
 
 # ------------------------------------------------------------------------------------------- folder names
 def ckpt_name(path: Any) -> str:
-    """<run folder>-<checkpoint stem>, e.g. quickstart_rho0.9_seed0-ckpt-0000040000."""
-    p = Path(str(path))
+    """<run folder>-<checkpoint stem>, e.g. quickstart_rho0.9_seed0-ckpt-0000040000 (a run folder names its
+    latest checkpoint)."""
+    try:
+        p = resolve_checkpoint(str(path))
+    except (FileNotFoundError, ValueError):
+        p = Path(str(path))
     run = p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
     return f"{run}-{p.stem}" if run else p.stem
 
@@ -133,7 +137,7 @@ def check_and_plan(cfg: DictConfig) -> Plan:
         raise CountConfigError(f"export_matrix={cfg.export_matrix!r} is not allowed: use null, wide or seed")
     _int(cfg.fabric, "devices", 1)
 
-    checkpoint = Path(str(cfg.checkpoint)).expanduser().resolve()
+    checkpoint = resolve_checkpoint(str(cfg.checkpoint)).resolve()
     net, meta = load_denoiser(checkpoint)
     class_names = [str(c) for c in meta["class_names"]]
     wanted = class_names if cfg.classes is None else [str(c) for c in _plain(cfg.classes)]

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 
-from biasamp.checkpoints import load_checkpoint
+from biasamp.checkpoints import latest_checkpoint
 
 SNAPSHOT_NAME = "snapshot.ckpt"
 
@@ -26,20 +26,9 @@ def kept_name(n_img: int) -> str:
     return f"ckpt-{n_img:010d}.ckpt"
 
 
-def checkpoint_n_img(path: Path) -> int:
-    return int(load_checkpoint(path)["n_img"])
-
-
 def find_resume_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The checkpoint with the most images seen in ``ckpt_dir`` (snapshot or kept), or None."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return None
-    candidates = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file())
-    if not candidates:
-        return None
-    # ties (a snapshot written at the same step as a kept checkpoint) go to the kept one
-    return max(candidates, key=lambda p: (checkpoint_n_img(p), p.name != SNAPSHOT_NAME))
+    """The checkpoint to resume from: the one with the most images seen in ``ckpt_dir``, or None."""
+    return latest_checkpoint(ckpt_dir)
 
 
 class CheckpointCallback(L.Callback):
