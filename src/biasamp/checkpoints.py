@@ -81,9 +81,10 @@ def ema_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[EDMPrecond, dict[str, Any]]:
     """Rebuild the denoiser of a checkpoint from its own config and load its (EMA) weights.
 
-    Returns the denoiser in eval mode on the CPU and the checkpoint's metadata.
+    ``path``: a checkpoint file, or a run folder (its latest checkpoint). Returns the denoiser in eval mode
+    on the CPU and the checkpoint's metadata.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(resolve_checkpoint(path))
     meta = metadata(ckpt)
     denoiser = build_denoiser(
         meta["config"]["model"],

@@ -1,6 +1,49 @@
-"""Analysis: counts -> rho_model with confidence intervals (no torch models imported here)."""
+"""Analysis: counts -> rho_model with confidence intervals, oracle-error correction (never imports torch)."""
 
-from biasamp.analysis.estimates import rho_model_from_counts
-from biasamp.analysis.intervals import clopper_pearson
+from biasamp.analysis.correction import (
+    confusion_counts_for,
+    confusion_matrix,
+    correct_distribution,
+    corrected_rho,
+    rogan_gladen,
+)
+from biasamp.analysis.estimates import (
+    UNCOND,
+    RhoEstimate,
+    amplification,
+    class_value_matrix,
+    per_class_rho,
+    rho_by_attribute,
+    rho_model_from_counts,
+    uncond_marginal,
+)
+from biasamp.analysis.intervals import (
+    METHODS,
+    bootstrap_interval,
+    clopper_pearson,
+    jeffreys,
+    proportion_interval,
+    wilson,
+)
 
-__all__ = ["clopper_pearson", "rho_model_from_counts"]
+__all__ = [
+    "METHODS",
+    "UNCOND",
+    "RhoEstimate",
+    "amplification",
+    "bootstrap_interval",
+    "class_value_matrix",
+    "clopper_pearson",
+    "confusion_counts_for",
+    "confusion_matrix",
+    "correct_distribution",
+    "corrected_rho",
+    "jeffreys",
+    "per_class_rho",
+    "proportion_interval",
+    "rho_by_attribute",
+    "rho_model_from_counts",
+    "rogan_gladen",
+    "uncond_marginal",
+    "wilson",
+]

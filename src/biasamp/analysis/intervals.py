@@ -1,10 +1,55 @@
-"""Confidence intervals for a binomial proportion k / n."""
+"""Confidence intervals for a binomial proportion k / n.
+
+Four methods, all returning ``(low, high)`` within [0, 1]:
+
+- ``clopper_pearson``: exact; covers with probability >= level for every p (conservative). The seed's choice.
+- ``wilson``: score interval; coverage close to nominal on average, dips near p = 0 or 1 at small n.
+- ``jeffreys``: equal-tailed Beta(k + 1/2, n - k + 1/2) posterior interval (lower 0 at k = 0, upper 1 at k = n).
+- ``bootstrap``: percentile interval of seeded parametric (binomial) resamples of k / n; degenerate at k = 0
+  or k = n, where every resample equals the estimate.
+
+n = 0 gives (nan, nan) for every method.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 from scipy import stats
+
+METHODS = ("clopper_pearson", "wilson", "jeffreys", "bootstrap")
+
+
+def check_level(level: float) -> float:
+    """``level`` as a float in (0, 1), else ValueError naming ``ci_level``."""
+    try:
+        value = float(level)
+    except (TypeError, ValueError):
+        raise ValueError(f"ci_level={level!r} must be a number in (0, 1)") from None
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"ci_level={level!r} must be in (0, 1)")
+    return value
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is one of METHODS, else ValueError naming ``ci_method``."""
+    if method not in METHODS:
+        raise ValueError(f"ci_method={method!r} is not known; allowed: {', '.join(METHODS)}")
+    return method
+
+
+def _check_counts(k: int, n: int) -> tuple[int, int]:
+    for name, value in (("k", k), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if isinstance(value, numbers.Real) and float(value).is_integer():
+                continue
+            raise ValueError(f"{name}={value!r} must be a whole number")
+    k, n = int(k), int(n)
+    if n < 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    return k, n
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -13,13 +58,73 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     Same as ``scipy.stats.binomtest(k, n).proportion_ci(level, method="exact")`` (the seed's choice);
     it covers with probability >= level for every p. n = 0 gives (nan, nan).
     """
-    if not 0 < level < 1:
-        raise ValueError(f"ci_level={level!r} must be in (0, 1)")
-    if not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    level = check_level(level)
+    k, n = _check_counts(k, n)
     if n == 0:
         return math.nan, math.nan
     alpha = 1.0 - level
     low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, k, n - k + 1))
     high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
     return low, high
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval: the p with |k/n - p| <= z sqrt(p(1-p)/n), z the two-sided normal quantile.
+
+    Closed form: centre (k + z^2/2) / (n + z^2), half-width z / (n + z^2) * sqrt(k (n - k) / n + z^2 / 4).
+    """
+    level = check_level(level)
+    k, n = _check_counts(k, n)
+    if n == 0:
+        return math.nan, math.nan
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    z2 = z * z
+    centre = (k + z2 / 2) / (n + z2)
+    half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4)
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return low, high
+
+
+def jeffreys(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Jeffreys interval: equal-tailed quantiles of Beta(k + 1/2, n - k + 1/2); lower 0 at k = 0, upper 1 at k = n."""
+    level = check_level(level)
+    k, n = _check_counts(k, n)
+    if n == 0:
+        return math.nan, math.nan
+    alpha = 1.0 - level
+    a, b = k + 0.5, n - k + 0.5
+    low = 0.0 if k == 0 else float(stats.beta.ppf(alpha / 2, a, b))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - alpha / 2, a, b))
+    return low, high
+
+
+def bootstrap_interval(k: int, n: int, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap: quantiles a/2 and 1 - a/2 of k*/n over ``n_boot`` draws k* ~ Binomial(n, k/n).
+
+    Seeded, so the same (k, n, level, n_boot, seed) always gives the same interval.
+    """
+    level = check_level(level)
+    k, n = _check_counts(k, n)
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot={n_boot!r} must be >= 1")
+    if n == 0:
+        return math.nan, math.nan
+    alpha = 1.0 - level
+    rng = np.random.default_rng(seed)
+    draws = rng.binomial(n, k / n, size=int(n_boot)) / n
+    low, high = np.quantile(draws, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def proportion_interval(k: int, n: int, level: float = 0.95, method: str = "clopper_pearson", n_boot: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """Interval for k / n by ``method`` (one of METHODS); ``n_boot`` and ``seed`` are used by the bootstrap only."""
+    method = check_method(method)
+    if method == "clopper_pearson":
+        return clopper_pearson(k, n, level)
+    if method == "wilson":
+        return wilson(k, n, level)
+    if method == "jeffreys":
+        return jeffreys(k, n, level)
+    return bootstrap_interval(k, n, level, n_boot=n_boot, seed=seed)

@@ -1,0 +1,565 @@
+"""Count sweeps -> publication tables (CSV, Markdown, LaTeX booktabs).
+
+A count sweep folder (written by ``python -m biasamp.count -m ...``) holds ``results.csv``, one row per
+(checkpoint, setting), and one sub-folder per job (named by the row's ``job_dir``) with ``counts.csv`` and
+``meta.json`` (formats: shared/DESIGN.md and biasamp/counting/files.py). This module reads one or several
+sweeps, recomputes every interval with one method and level, finds the keys that were swept, and writes:
+
+- the results table: swept keys, rho_data, rho_model with its interval, delta = rho_model - rho_data, n, the
+  share of samples the oracle could not classify, NFE per sample, and the rho_model corrected for the oracle's
+  measured confusion where a job's oracle has one;
+- the per-class table: rho per class (its own interval) for every job.
+
+Tables are DataFrames of plain numbers (the CSV files hold them at full precision); the Markdown and LaTeX
+writers format them as ``0.912 [0.861, 0.946]`` with a caption that names the settings held fixed.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from biasamp.analysis.estimates import per_class_rho
+from biasamp.analysis.intervals import check_level, check_method, proportion_interval
+from biasamp.io import atomic_write_text
+
+REQUIRED_COLUMNS = ("job_dir", "run", "rho_data", "sampler.name", "guidance", "n", "n_aligned")
+# columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
+KEY_ORDER = ("rho_data", "run", "checkpoint", "dataset", "sampler.name", "sampler.solver", "sampler.num_steps",
+             "sampler.s_churn", "sampler.order", "sampler.eta")
+KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "seed", "n_per_class", "sweep")
+# never shown in a caption: long paths that the run name already stands for
+NOT_NOTED = ("checkpoint", "sweep")
+TABLE_FORMATS = ("csv", "md", "tex")
+METHOD_NAMES = {"clopper_pearson": "Clopper–Pearson", "wilson": "Wilson", "jeffreys": "Jeffreys",
+                "bootstrap": "percentile-bootstrap"}
+
+LABELS_MD = {"rho_data": "ρ_data", "sampler.name": "sampler", "sampler.solver": "solver",
+             "sampler.num_steps": "steps", "sampler.s_churn": "S_churn", "sampler.s_min": "S_min",
+             "sampler.s_max": "S_max", "sampler.s_noise": "S_noise", "sampler.eta": "η", "sampler.rho": "ρ_sched",
+             "sampler.sigma_min": "σ_min", "sampler.sigma_max": "σ_max", "guidance": "w",
+             "guidance_uncond": "uncond. branch", "guidance_interval": "guidance interval", "n_per_class": "n/class",
+             "class_rho_data": "ρ_data (class)",
+             "rho_model": "ρ_model", "rho": "ρ", "rho_corrected": "ρ_corrected", "delta": "Δ", "n": "n",
+             "invalid_frac": "invalid", "nfe": "NFE", "class": "class"}
+LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\mathrm{data}$ (class)",
+              "sampler.s_churn": r"$S_\mathrm{churn}$",
+              "sampler.s_min": r"$S_\mathrm{min}$", "sampler.s_max": r"$S_\mathrm{max}$",
+              "sampler.s_noise": r"$S_\mathrm{noise}$", "sampler.eta": r"$\eta$",
+              "sampler.rho": r"$\rho_\mathrm{sched}$",
+              "sampler.sigma_min": r"$\sigma_\mathrm{min}$", "sampler.sigma_max": r"$\sigma_\mathrm{max}$",
+              "guidance": r"$w$", "rho_model": r"$\rho_\mathrm{model}$", "rho": r"$\rho$",
+              "rho_corrected": r"$\rho_\mathrm{corrected}$", "delta": r"$\Delta$", "n": r"$n$"}
+# a point estimate and the columns of its interval
+INTERVALS = {"rho_model": ("ci_low", "ci_high"), "rho": ("ci_low", "ci_high"),
+             "rho_corrected": ("rho_corrected_low", "rho_corrected_high")}
+# kept in the CSV, left out of Markdown/LaTeX
+HIDDEN_IN_TEXT = ("n_aligned", "n_invalid", "ci_method", "ci_level", "sweep", "job_dir")
+MISSING_MD, MISSING_TEX = "–", "--"
+
+
+# ------------------------------------------------------------------------------------------- loading
+def _missing_sweep(path: str | Path, why: str) -> FileNotFoundError:
+    return FileNotFoundError(f"sweep={path}: {why}; run python -m biasamp.count (e.g. -m checkpoint=<ckpt> "
+                             "sampler.num_steps=6,18) first and pass its sweep folder")
+
+
+def expand_sweeps(sweeps: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Sweep folders from a path, a glob or a list of them (globs keep only folders that hold results.csv)."""
+    items = [sweeps] if isinstance(sweeps, str | Path) else list(sweeps)
+    if not items:
+        raise _missing_sweep("[]", "no sweep folder given")
+    found: list[Path] = []
+    for item in items:
+        text = os.path.expanduser(str(item))
+        if glob.has_magic(text):
+            matches = [Path(p) for p in sorted(glob.glob(text)) if (Path(p) / "results.csv").is_file()]
+            if not matches:
+                raise _missing_sweep(item, "no folder matching this pattern holds a results.csv")
+            found.extend(matches)
+            continue
+        path = Path(text)
+        if not path.is_dir():
+            raise _missing_sweep(item, f"folder {path} does not exist")
+        if not (path / "results.csv").is_file():
+            raise _missing_sweep(item, f"{path / 'results.csv'} not found (not a count sweep folder)")
+        found.append(path)
+    unique: list[Path] = []
+    for p in (p.resolve() for p in found):
+        if p not in unique:
+            unique.append(p)
+    return unique
+
+
+def read_results_csv(path: str | Path) -> pd.DataFrame:
+    """results.csv as written by biasamp.count: only empty cells are missing ("null" stays a string)."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def load_results(sweep_dirs: str | Path | Iterable[str | Path], method: str = "clopper_pearson",
+                 level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """The results.csv rows of every sweep, concatenated, with rho_model, its interval and delta recomputed.
+
+    Adds a ``sweep`` column (the sweep folder, absolute) so each row's job folder is ``sweep / job_dir``.
+    ``ci_low``/``ci_high`` come from ``method`` at ``level`` (``n_boot``/``seed``: bootstrap only) over the
+    row's ``n`` and ``n_aligned``. Raises FileNotFoundError for a missing folder or results.csv, ValueError
+    for a results.csv without the columns biasamp.count writes, or a bad method or level.
+    """
+    method, level = check_method(method), check_level(level)
+    frames = []
+    for sweep in expand_sweeps(sweep_dirs):
+        path = sweep / "results.csv"
+        try:
+            frame = read_results_csv(path)
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{path} is empty; rerun biasamp.count for this sweep") from None
+        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"{path} lacks column(s) {missing}: it was not written by biasamp.count "
+                             "(rerun the count sweep)")
+        if frame.empty:
+            raise ValueError(f"{path} has no rows; rerun biasamp.count for this sweep")
+        for col in ("n", "n_aligned"):
+            bad = frame[col].isna() | (pd.to_numeric(frame[col], errors="coerce") % 1 != 0)
+            if bad.any():
+                raise ValueError(f"{path}: column {col} must hold whole numbers (job {frame['job_dir'][bad].iloc[0]})")
+        wrong = (frame["n_aligned"] < 0) | (frame["n_aligned"] > frame["n"])
+        if wrong.any():
+            raise ValueError(f"{path}: job {frame['job_dir'][wrong].iloc[0]} has n_aligned outside [0, n]")
+        frame.insert(0, "sweep", str(sweep))
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True, sort=False)
+    df["n"] = df["n"].astype(np.int64)
+    df["n_aligned"] = df["n_aligned"].astype(np.int64)
+    bounds = [proportion_interval(int(k), int(n), level, method, n_boot=n_boot, seed=seed)
+              for k, n in zip(df["n_aligned"], df["n"], strict=True)]
+    df["rho_model"] = [k / n if n else math.nan for k, n in zip(df["n_aligned"], df["n"], strict=True)]
+    df["ci_low"] = [b[0] for b in bounds]
+    df["ci_high"] = [b[1] for b in bounds]
+    df["ci_method"] = method
+    df["ci_level"] = level
+    df["delta"] = df["rho_model"] - df["rho_data"].astype(float)
+    df.attrs.update(ci_method=method, ci_level=level, n_boot=n_boot, seed=seed)
+    return df
+
+
+@dataclass(frozen=True)
+class Job:
+    """One count job's files: its counts (counts.csv, all columns as text but ``count``) and meta.json."""
+
+    folder: Path
+    counts: pd.DataFrame
+    meta: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self.meta["class_names"]]
+
+    @property
+    def attribute(self) -> str:
+        return str(self.meta["oracle"]["attributes"][0])
+
+    @property
+    def value_names(self) -> list[str]:
+        return [str(v) for v in self.meta["oracle"]["value_names"][0]]
+
+    @property
+    def confusion(self) -> dict[str, Any] | None:
+        """The oracle's measured confusion for the rho attribute ({labels, counts}), or None."""
+        confusion = (self.meta.get("oracle") or {}).get("confusion")
+        return confusion.get(self.attribute) if isinstance(confusion, dict) else None
+
+
+def load_job(row: pd.Series) -> Job:
+    """The job folder of one results row (``sweep / job_dir``); FileNotFoundError if its files are missing."""
+    folder = Path(row["sweep"]) / str(row["job_dir"])
+    for name in ("counts.csv", "meta.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: results.csv names job {row['job_dir']} but its "
+                                    "files are missing; rerun that count job")
+    return _read_job(folder)
+
+
+def _read_job(folder: Path) -> Job:
+    """Read and check a job folder's counts.csv and meta.json (ValueError naming the file on a bad one)."""
+    counts = pd.read_csv(folder / "counts.csv", dtype=str, keep_default_na=False)
+    missing = [c for c in ("class", "count") if c not in counts.columns]
+    if missing:
+        raise ValueError(f"{folder / 'counts.csv'} lacks column(s) {missing}; rerun that count job")
+    try:
+        counts["count"] = counts["count"].astype(np.int64)
+    except ValueError:
+        raise ValueError(f"{folder / 'counts.csv'}: column count must hold whole numbers") from None
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        oracle = meta["oracle"]
+        attributes, values = list(oracle["attributes"]), list(oracle["value_names"])
+        meta["class_names"] = list(meta["class_names"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path} is not valid JSON ({err.msg}); rerun that count job") from None
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{meta_path} lacks {err}: not written by biasamp.count; rerun that count job") from None
+    if not attributes or len(attributes) != len(values) or any(a not in counts.columns for a in attributes):
+        raise ValueError(f"{meta_path}: oracle.attributes {attributes} do not match the columns of counts.csv "
+                         f"{list(counts.columns)}")
+    return Job(folder, counts, meta)
+
+
+# ------------------------------------------------------------------------------------------- swept keys
+def candidate_keys(df: pd.DataFrame) -> list[str]:
+    """Columns of ``df`` that name a setting, in display order."""
+    head = [k for k in KEY_ORDER if k in df.columns]
+    others = sorted(c for c in df.columns if c.startswith("sampler.") and c not in KEY_ORDER)
+    tail = [k for k in KEY_ORDER_TAIL if k in df.columns]
+    return head + others + tail
+
+
+def _distinct(col: pd.Series) -> int:
+    return int(col.astype(object).where(col.notna(), None).nunique(dropna=False))
+
+
+def _determined(df: pd.DataFrame, by: Sequence[str], key: str) -> bool:
+    """True when ``key`` takes one value (missing counts as one) within every group of ``by``."""
+    if not by:
+        return _distinct(df[key]) <= 1
+    groups = df.assign(_k=df[key].astype(object).where(df[key].notna(), "<missing>"))
+    return bool(groups.groupby(list(by), dropna=False, sort=False)["_k"].nunique().max() <= 1)
+
+
+def swept_keys(df: pd.DataFrame, first: Sequence[str] = ("rho_data",)) -> list[str]:
+    """The setting keys that vary, each one not already fixed by the keys before it.
+
+    Keys are tried in ``first`` then display order; a key is kept when it varies over ``df`` and is not a
+    function of the keys kept so far. So a sweep over two samplers keeps ``sampler.name`` and drops
+    ``sampler.solver`` when only one sampler has a solver, and the run name goes when rho_data tells runs apart.
+    """
+    order = [k for k in first if k in df.columns] + [k for k in candidate_keys(df) if k not in first]
+    kept: list[str] = []
+    for key in order:
+        if _distinct(df[key]) > 1 and not _determined(df, kept, key):
+            kept.append(key)
+    return kept
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float | np.floating):
+        return str(int(value)) if float(value).is_integer() else f"{float(value):g}"
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
+
+
+def fixed_settings(df: pd.DataFrame, keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(key, text) for every setting key not in ``keys``: its value, with the samplers it applies to when
+    other samplers lack it, or the values it takes with the swept keys."""
+    notes = []
+    has_name = "sampler.name" in df.columns
+    for key in candidate_keys(df):
+        if key in keys or key in NOT_NOTED or key == "rho_data":
+            continue
+        present = df[key].notna()
+        values = list(dict.fromkeys(_fmt_value(v) for v in df.loc[present, key]))
+        if not values:
+            continue
+        text = ", ".join(values[:6]) + (", …" if len(values) > 6 else "")
+        if len(values) == 1 and not present.all() and has_name and key.startswith("sampler."):
+            names = ", ".join(dict.fromkeys(str(v) for v in df.loc[present, "sampler.name"]))
+            text = f"{text} ({names})"
+        elif len(values) > 1:
+            text = f"{{{text}}} (varies with the swept keys)"
+        notes.append((key, text))
+    return notes
+
+
+# ------------------------------------------------------------------------------------------- tables
+@functools.lru_cache(maxsize=256)
+def _correction(folder: str, level: float, n_boot: int, seed: int) -> dict[str, Any]:
+    """corrected_rho of one job folder (cached: the results and per-class tables both need it)."""
+    from biasamp.analysis.correction import corrected_rho  # only needed when an oracle has a confusion matrix
+
+    job = _read_job(Path(folder))
+    return corrected_rho(job.counts, job.class_names, job.value_names, job.attribute, job.confusion,
+                         level=level, n_boot=n_boot, seed=seed)
+
+
+def _sort(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    by = [k for k in ("rho_data", *keys) if k in df.columns]
+    by = list(dict.fromkeys(by))
+    return df.sort_values(by, na_position="last", kind="stable").reset_index(drop=True) if by else df
+
+
+def _caption_attrs(df: pd.DataFrame, keys: Sequence[str], kind: str, corrected: bool) -> dict[str, Any]:
+    return {"kind": kind, "keys": list(keys), "fixed": fixed_settings(df, keys), "corrected": corrected,
+            "ci_method": df.attrs.get("ci_method", str(df["ci_method"].iloc[0]) if "ci_method" in df else ""),
+            "ci_level": float(df.attrs.get("ci_level", df["ci_level"].iloc[0] if "ci_level" in df else 0.95)),
+            "n_boot": int(df.attrs.get("n_boot", 2000)), "sweeps": sorted({Path(s).name for s in df["sweep"]})}
+
+
+def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
+    """One row per (checkpoint, setting): swept keys, rho_data, rho_model, ci_low, ci_high, delta, n, n_aligned,
+    n_invalid, invalid_frac, nfe, and rho_corrected with its interval when any job's oracle has a confusion
+    matrix (NaN for the jobs without one).
+
+    ``df`` is load_results' frame; ``n_boot``/``seed`` (default: those given to load_results) serve the
+    correction's bootstrap. ``attrs`` carries what the writers put in the caption.
+    """
+    n_boot = int(df.attrs.get("n_boot", 2000) if n_boot is None else n_boot)
+    seed = int(df.attrs.get("seed", 0) if seed is None else seed)
+    level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
+    keys = [k for k in swept_keys(df) if k != "rho_data"]
+    # rho_data leads when it is swept (rows are grouped by it), else it follows the swept keys
+    lead = ["rho_data", *keys] if _distinct(df["rho_data"]) > 1 else [*keys, "rho_data"]
+    out = df[[*lead, "rho_model", "ci_low", "ci_high", "delta", "n", "n_aligned"]].copy()
+    n_invalid = df["n_invalid"] if "n_invalid" in df else pd.Series(np.nan, index=df.index)
+    out["n_invalid"] = n_invalid
+    out["invalid_frac"] = [i / n if n else math.nan for i, n in zip(n_invalid, df["n"], strict=True)]
+    out["nfe"] = df["nfe"] if "nfe" in df else np.nan
+    jobs = [load_job(row) for _, row in df.iterrows()]
+    corrected = any(job.confusion is not None for job in jobs)
+    if corrected:
+        fits = [_correction(str(job.folder), level, n_boot, seed) if job.confusion is not None else None
+                for job in jobs]
+        for column, field in (("rho_corrected", "rho_corrected"), ("rho_corrected_low", "ci_low"),
+                              ("rho_corrected_high", "ci_high")):
+            out[column] = [math.nan if fit is None else float(fit[field]) for fit in fits]
+    out["ci_method"], out["ci_level"] = df["ci_method"], df["ci_level"]
+    out["job_dir"] = df["job_dir"]
+    out["sweep"] = df["sweep"]
+    out = _sort(out, keys)
+    out.attrs.update(_caption_attrs(df, keys, "results", corrected))
+    out.attrs["n_boot"] = n_boot
+    return out
+
+
+def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
+    """rho per class for every job: swept keys (rho_data first when it varies), class, class_rho_data (the
+    class's own share in the training data when the dataset summary has it, else the job's rho_data), rho,
+    ci_low, ci_high, n, n_aligned, and rho_corrected with its interval when any job's oracle has a
+    confusion matrix; intervals by load_results' method and level. Jobs in the results table's order."""
+    method = str(df.attrs.get("ci_method", df["ci_method"].iloc[0]))
+    level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
+    n_boot, seed = int(df.attrs.get("n_boot", 2000)), int(df.attrs.get("seed", 0))
+    keys = [k for k in swept_keys(df) if k != "rho_data"]
+    swept_rho = _distinct(df["rho_data"]) > 1
+    rows = list(_sort(df, keys).iterrows())
+    jobs = [load_job(row) for _, row in rows]
+    corrected = any(job.confusion is not None for job in jobs)
+    parts = []
+    for (_, row), job in zip(rows, jobs, strict=True):
+        table = per_class_rho(job.counts, job.class_names, job.value_names, job.attribute, level=level,
+                              method=method, n_boot=n_boot, seed=seed)
+        summary = job.meta.get("dataset_summary") or {}
+        own = dict(zip([str(c) for c in summary.get("class_names", [])], summary.get("rho_per_class", []),
+                       strict=False))
+        table["class_rho_data"] = [float(own.get(c, row["rho_data"])) for c in table["class"]]
+        table = table[["class", "class_rho_data", "rho", "ci_low", "ci_high", "n", "n_aligned"]]
+        if corrected:
+            fit = _correction(str(job.folder), level, n_boot, seed) if job.confusion is not None else None
+            by_class = {d["class"]: d for d in fit["per_class"]} if fit else {}
+            for column, field in (("rho_corrected", "rho_corrected"), ("rho_corrected_low", "ci_low"),
+                                  ("rho_corrected_high", "ci_high")):
+                table[column] = [float(by_class[c][field]) if c in by_class else math.nan for c in table["class"]]
+        for key in reversed(["rho_data", *keys] if swept_rho else keys):
+            table.insert(0, key, row[key])
+        table["ci_method"], table["ci_level"] = method, level
+        table["job_dir"] = row["job_dir"]
+        table["sweep"] = row["sweep"]
+        parts.append(table)
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs.update(_caption_attrs(df, keys, "per_class", corrected))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- formatting
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float | np.floating) and math.isnan(value))
+
+
+def fmt_interval(rho: float, low: float, high: float) -> str:
+    """``0.912 [0.861, 0.946]`` (empty when rho is missing)."""
+    if _is_missing(rho):
+        return ""
+    return f"{rho:.3f} [{low:.3f}, {high:.3f}]"
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    numeric: bool
+    cell: Callable[[pd.Series], str]  # "" for a missing cell
+
+
+def _number_cell(key: str, spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[pd.Series], str]:
+    def cell(row: pd.Series) -> str:
+        value = row[key]
+        return "" if _is_missing(value) else f"{scale * value:{spec}}{suffix}"
+    return cell
+
+
+def _interval_cell(key: str, low: str, high: str) -> Callable[[pd.Series], str]:
+    return lambda row: fmt_interval(row[key], row[low], row[high])
+
+
+def _value_cell(key: str) -> Callable[[pd.Series], str]:
+    return lambda row: _fmt_value(row[key])
+
+
+def _columns(table: pd.DataFrame) -> list[Column]:
+    """How each shown column of ``table`` is formatted (interval bounds merge into their estimate)."""
+    hidden = set(HIDDEN_IN_TEXT) | {c for pair in INTERVALS.values() for c in pair}
+    special = {"delta": _number_cell("delta", "+.3f"), "rho_data": _number_cell("rho_data", ".3f"),
+               "class_rho_data": _number_cell("class_rho_data", ".3f"),
+               "invalid_frac": _number_cell("invalid_frac", ".1f", 100.0, "%")}
+    columns = []
+    for c in table.columns:
+        if c in hidden:
+            continue
+        if c in INTERVALS:
+            columns.append(Column(c, True, _interval_cell(c, *INTERVALS[c])))
+        elif c in special:
+            columns.append(Column(c, True, special[c]))
+        else:
+            numeric = c != "class" and pd.api.types.is_numeric_dtype(table[c])
+            columns.append(Column(c, numeric, _value_cell(c)))
+    return columns
+
+
+def _label(key: str, tex: bool) -> str:
+    if tex and key in LABELS_TEX:
+        return LABELS_TEX[key]
+    name = LABELS_MD.get(key, key.removeprefix("sampler."))
+    return latex_escape(name) if tex else name
+
+
+def _header(col: Column, table: pd.DataFrame, tex: bool) -> str:
+    label = _label(col.key, tex)
+    if col.key in INTERVALS:
+        pct = f"{100 * table.attrs.get('ci_level', 0.95):g}"
+        return f"{label} [{pct}\\% CI]" if tex else f"{label} [{pct}% CI]"
+    return label
+
+
+def _caption(table: pd.DataFrame, tex: bool) -> str:
+    a = table.attrs
+    method = METHOD_NAMES.get(a.get("ci_method", ""), a.get("ci_method", ""))
+    pct = f"{100 * a.get('ci_level', 0.95):g}"
+    rho_model = LABELS_TEX["rho_model"] if tex else "ρ_model"
+    rho_data = LABELS_TEX["rho_data"] if tex else "ρ_data"
+    percent = r"\%" if tex else "%"
+    dash = "--" if tex else "–"
+    if a.get("kind") == "per_class":
+        text = (f"Share of bias-aligned samples per class (ρ) with {pct}{percent} {method} intervals; "
+                f"{rho_data} (class): the class's bias-aligned share in the training data.")
+        if tex:
+            text = text.replace("(ρ)", r"($\rho$)")
+    else:
+        delta = LABELS_TEX["delta"] if tex else "Δ"
+        text = (f"{rho_model}: share of bias-aligned samples among all class-conditional samples, "
+                f"with {pct}{percent} {method} intervals; {delta} = {rho_model} {'$-$' if tex else '−'} {rho_data}; "
+                f"n: samples counted; invalid: share the oracle could not classify (counted in {rho_model}); "
+                "NFE: denoiser evaluations per sample.")
+    if a.get("corrected"):
+        text += (f" {LABELS_TEX['rho_corrected'] if tex else 'ρ_corrected'}: corrected for the oracle's "
+                 f"confusion measured on real data ({a.get('n_boot', 2000)} bootstrap resamples of both; "
+                 f"{dash} where no confusion was measured).")
+    fixed = a.get("fixed", [])
+    if fixed:
+        items = [f"{_label(k, tex)} = {latex_escape(v) if tex else v}" for k, v in fixed]
+        text += " Fixed: " + "; ".join(items) + "."
+    text = text.replace("Clopper–Pearson", "Clopper--Pearson") if tex else text
+    return text
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A pipe table after a ``Table: <caption>`` line (Pandoc's caption syntax); numbers right-aligned."""
+    columns = _columns(table)
+
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [f"Table: {esc(_caption(table, tex=False))}", ""]
+    lines.append("| " + " | ".join(esc(_header(c, table, tex=False)) for c in columns) + " |")
+    lines.append("|" + "|".join("---:" if c.numeric else ":---" for c in columns) + "|")
+    for _, row in table.iterrows():
+        cells = [c.cell(row) or MISSING_MD for c in columns]
+        lines.append("| " + " | ".join(esc(x) for x in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_TEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--",
+                 "…": r"\ldots{}", "−": "$-$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_TEX_SPECIALS.get(ch, ch) for ch in str(text))
+
+
+def to_latex(table: pd.DataFrame, label: str) -> str:
+    """A booktabs table (needs \\usepackage{booktabs}); signed numbers in math mode, missing cells as --."""
+    columns = _columns(table)
+
+    def cell(col: Column, row: pd.Series) -> str:
+        text = col.cell(row)
+        if not text:
+            return MISSING_TEX
+        if col.key == "delta":
+            return f"${text}$"
+        return latex_escape(text)
+
+    lines = [
+        f"% written by biasamp.report from {latex_escape(', '.join(table.attrs.get('sweeps', [])))}",
+        "% needs \\usepackage{booktabs}",
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\footnotesize",
+        "\\setlength{\\tabcolsep}{4pt}",
+        f"\\caption{{{_caption(table, tex=True)}}}",
+        f"\\label{{{label}}}",
+        "\\begin{tabular}{" + "".join("r" if c.numeric else "l" for c in columns) + "}",
+        "\\toprule",
+        " & ".join(_header(c, table, tex=True) for c in columns) + " \\\\",
+        "\\midrule",
+    ]
+    for _, row in table.iterrows():
+        lines.append(" & ".join(cell(c, row) for c in columns) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(table: pd.DataFrame, out_dir: str | Path, stem: str,
+                 formats: Sequence[str] = TABLE_FORMATS) -> list[Path]:
+    """Write ``table`` as <out_dir>/<stem>.{csv,md,tex} (those in ``formats``); returns the paths written.
+
+    The CSV holds the numbers at full precision (plus job_dir and sweep); Markdown and LaTeX hold the
+    formatted table and its caption.
+    """
+    unknown = [f for f in formats if f not in TABLE_FORMATS]
+    if unknown:
+        raise ValueError(f"tables={list(formats)!r}: unknown format(s) {unknown}; allowed: {list(TABLE_FORMATS)}")
+    out_dir = Path(out_dir)
+    paths = []
+    for fmt in formats:
+        path = out_dir / f"{stem}.{fmt}"
+        if fmt == "csv":
+            text = table.to_csv(index=False, lineterminator="\n")
+        elif fmt == "md":
+            text = to_markdown(table)
+        else:
+            text = to_latex(table, label=f"tab:{stem.replace('_', '-')}")
+        atomic_write_text(path, text)
+        paths.append(path)
+    return paths
