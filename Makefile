@@ -1,12 +1,16 @@
 # biasamp — common tasks. `make help` lists them.
 PYTHON ?= python3
 VENV   ?= .venv
-PY     := $(VENV)/bin/python
+PY     ?= $(VENV)/bin/python
+OUT    ?= runs
+SMOKE  ?= 0
+QUICK_CKPT := $(OUT)/train/quickstart_rho0.9_seed0
 
-.PHONY: help install test test-slow test-gpu lint quickstart clean
+.PHONY: help install test test-slow test-gpu lint quickstart clean \
+	paper-bmnist paper-bmnist-2class paper-steps paper-guidance
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
 
 install:  ## create .venv and install biasamp (editable) with the dev extras
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +29,23 @@ test-gpu:  ## the GPU tests (needs CUDA)
 lint:  ## ruff
 	$(VENV)/bin/ruff check src tests
 
-quickstart:  ## train the tiny model on the embedded Biased MNIST (CPU, a few minutes)
-	$(PY) -m biasamp.train experiment=quickstart
+quickstart:  ## train -> count sweep -> report on the embedded Biased MNIST (CPU, about 5 minutes)
+	$(PY) -m biasamp.train experiment=quickstart resume=auto paths.output_dir=$(OUT)
+	$(PY) -m biasamp.count -m checkpoint=$(QUICK_CKPT) sweep_name=quickstart paths.output_dir=$(OUT) \
+		sampler=edm,dpmpp sampler.num_steps=6,18 guidance=0,1,3 n_per_class=100
+	$(PY) -m biasamp.report sweep=$(OUT)/count/quickstart
+
+paper-bmnist:  ## 10-class Biased MNIST, rho_data 0.3..0.999 x (steps, churn) (GPU; SMOKE=1: tiny CPU run)
+	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-bmnist/run.sh
+
+paper-bmnist-2class:  ## 2-class Biased MNIST, training-set size x churn (GPU; SMOKE=1: tiny CPU run)
+	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-bmnist-2class/run.sh
+
+paper-steps:  ## steps 6..500, Heun vs Euler, churn 0/60 (GPU; SMOKE=1: tiny CPU run)
+	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-steps/run.sh
+
+paper-guidance:  ## guidance w in {0 .. 10} (GPU; SMOKE=1: tiny CPU run)
+	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-guidance/run.sh
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache

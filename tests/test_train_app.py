@@ -127,6 +127,13 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "ckpt-0000000064.ckpt" in resumed.stdout
 
+    # a finished run resumed again does nothing and rewrites no checkpoint
+    final = run_b / "checkpoints" / "ckpt-0000000128.ckpt"
+    stamp = final.stat().st_mtime_ns
+    again = run_train([*args, "resume=auto"], cwd=tmp_path / "b")
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert final.stat().st_mtime_ns == stamp
+
     a = load_checkpoint(run_a / "checkpoints" / "ckpt-0000000128.ckpt")
     b = load_checkpoint(run_b / "checkpoints" / "ckpt-0000000128.ckpt")
     assert a["n_img"] == b["n_img"] == 128 and a["global_step"] == b["global_step"] == 8

@@ -168,6 +168,11 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     except SETUP_ERRORS as err:
         print(f"biasamp.train: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if resume_from is not None:
+        done_img = int(load_checkpoint(resume_from)["n_img"])
+        if done_img >= trainer.max_steps * module.batch_total:  # finished: touch nothing (counts keep their sha)
+            print(f"biasamp.train: {run_dir.name} is already finished (n_img={done_img}, {resume_from.name})")
+            return {"run_dir": str(run_dir), "n_img": done_img, "already_finished": True}
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(module.hparams_initial))))
     prepare_relaunch()

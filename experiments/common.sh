@@ -1,0 +1,25 @@
+# Shared by the paper recipes (sourced, not run). Environment:
+#   PY     the Python of the project's venv (the Makefile passes .venv/bin/python)
+#   SMOKE  1: a tiny CPU version of the recipe (minutes) that checks the whole pipeline
+#   OUT    output folder (the Makefile passes runs, or runs/smoke with SMOKE=1)
+set -euo pipefail
+PY=${PY:-python}
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = "1" ]; then
+    OUT=${OUT:-runs/smoke}
+    # tiny model on the embedded MNIST subset, a few CPU steps; counts of a handful of samples
+    TRAIN_SMOKE=(model=tiny trainer=cpu dataset.source=embedded data.on_device=false batch_size=16
+                 trainer.max_steps=2 trainer.enable_progress_bar=false)
+    COUNT_SMOKE=(fabric.accelerator=cpu batch_size=16 save_grid=false)
+else
+    OUT=${OUT:-runs}
+    TRAIN_SMOKE=()
+    COUNT_SMOKE=()
+fi
+
+# run folders of a multirun as one comma-separated Hydra sweep value: runs_csv name1 name2 ...
+runs_csv() {
+    local out="" name
+    for name in "$@"; do out+="${out:+,}$OUT/train/$name"; done
+    echo "$out"
+}
