@@ -139,18 +139,9 @@ def sample_ddim(denoiser: Denoiser, noise: IndexNoise, sigmas: Tensor, eta: floa
     units DDIM(eta) is the same update as ``sample_euler_ancestral(eta, s_noise=1)``.
     sigmas: float64 (N + 1,). Returns x float32 (B, *noise.shape).
     """
-    if eta < 0:
-        raise ValueError(f"eta={eta!r} is not allowed: must be >= 0")
-    x, s = _initial(noise, sigmas)
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        sigma_down, sigma_up = _ancestral_sigmas(sigma, sigma_next, eta)
-        eps_hat = (x - denoiser(x, _sigma_batch(sigma, x))) / sigma  # predicted noise ε̂ = (x − D)/σ
-        # DDIM eq. 12 (VE units): x' = D + σ_down ε̂ + σ_up ε = x + (σ_down − σ) ε̂ + σ_up ε, as D = x − σ ε̂
-        x = x + (sigma_down - sigma) * eps_hat
-        if sigma_up > 0:
-            x = x + sigma_up * noise(i + 1)  # + σ_up ε, σ_up = DDIM's σ_t(η)
-    return x
+    # DDIM eq. 12 in VE units: x' = D + σ_down ε̂ + σ_up ε with ε̂ = (x − D)/σ, i.e. x + (σ_down − σ) ε̂ + σ_up ε:
+    # exactly the ancestral Euler update with S_noise = 1, so one implementation serves both.
+    return sample_euler_ancestral(denoiser, noise, sigmas, eta=eta, s_noise=1.0)
 
 
 @torch.no_grad()
