@@ -8,50 +8,18 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
+from biasamp.data.bffhq import BFFHQ
 from biasamp.data.biased_mnist import BiasedMNIST
-
-
-def _not_yet(name: str, required: str, how_to_get: str) -> Callable[..., Dataset]:
-    """A placeholder builder for a real-data loader that lands in a later issue.
-
-    It checks the data first (so a user learns what to download now) and then refuses honestly.
-    """
-
-    def build(
-        data_dir: str | Path, rho: float, split: str = "pooled", img_resolution: int = 64, seed: int = 0
-    ) -> Dataset:
-        path = Path(data_dir) / required
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{name} data not found: expected {path} (dataset.data_dir={data_dir}). {how_to_get}"
-            )
-        raise NotImplementedError(
-            f"The {name} loader is not implemented yet (it lands in a later issue); found its data at {path}."
-        )
-
-    build.__name__ = f"build_{name}"
-    return build
-
+from biasamp.data.waterbirds import Waterbirds
 
 BUILDERS: dict[str, Callable[..., Dataset]] = {
     "biased_mnist": BiasedMNIST,
-    "waterbirds": _not_yet(
-        "waterbirds",
-        "waterbird_complete95_forest2water2/metadata.csv",
-        "Download and unpack the Waterbirds dataset (waterbird_complete95_forest2water2.tar.gz, from the "
-        "group-DRO release by Sagawa et al.) into dataset.data_dir.",
-    ),
-    "bffhq": _not_yet(
-        "bffhq",
-        "bffhq/0.5pct/",
-        "Download BFFHQ (the bffhq folder with 0.5pct/, valid/ and test/ from the Learning Debiased "
-        "Representation with Disentangled Feature Augmentation release) into dataset.data_dir.",
-    ),
+    "waterbirds": Waterbirds,
+    "bffhq": BFFHQ,
 }
 
 

@@ -1,12 +1,13 @@
-"""Oracles: predict the bias attribute(s) of generated images (colour oracle; trained classifiers later)."""
+"""Oracles: predict the bias attribute(s) of generated images (colour oracle; trained classifier oracle)."""
 
 from collections.abc import Mapping
 from typing import Any
 
 from biasamp.oracles.base import Oracle, OracleOutput
+from biasamp.oracles.classifier import ClassifierOracle
 from biasamp.oracles.colour import ColourOracle
 
-ORACLES = ("colour",)
+ORACLES = ("colour", "classifier")
 COLOUR_DATASETS = ("biased_mnist",)
 
 
@@ -36,7 +37,26 @@ def build_oracle(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> Oracle:
         ordered = list(meta["bias_names"]) + [c for c in colours if c not in meta["bias_names"]]
         return ColourOracle(ordered, max_distance=cfg.get("max_distance", 80.0),
                             min_confidence=cfg.get("min_confidence", 0.2))
+    if name == "classifier":
+        extra = set(cfg) - {"name", "checkpoint", "min_confidence"}
+        if extra:
+            raise ValueError(f"oracle.{sorted(extra)[0]} is not an option of oracle=classifier "
+                             "(options: checkpoint, min_confidence)")
+        checkpoint = cfg.get("checkpoint")
+        if not checkpoint or checkpoint == "???":  # "???": left unset in conf/oracle/classifier.yaml
+            raise ValueError("oracle=classifier needs oracle.checkpoint=<oracle.ckpt> (train one with "
+                             "python -m biasamp.oracle)")
+        min_confidence = cfg.get("min_confidence", 0.0)
+        if min_confidence is None:
+            min_confidence = 0.0
+        oracle = ClassifierOracle.from_checkpoint(str(checkpoint), min_confidence=float(min_confidence))
+        names, wanted = oracle.value_names[0], [str(b) for b in meta["bias_names"]]
+        if names != wanted:
+            raise ValueError(f"oracle.checkpoint={checkpoint} predicts values {names}, but this checkpoint's bias "
+                             f"values are {wanted} (dataset {dataset!r}); use an oracle trained with "
+                             "attribute=bias on the same dataset and classes")
+        return oracle
     raise AssertionError(name)  # unreachable: ORACLES lists every branch
 
 
-__all__ = ["ORACLES", "ColourOracle", "Oracle", "OracleOutput", "build_oracle"]
+__all__ = ["ORACLES", "ClassifierOracle", "ColourOracle", "Oracle", "OracleOutput", "build_oracle"]

@@ -1,0 +1,131 @@
+"""The classifier oracle: the training app (balanced resample, held-out metrics, a weights-only checkpoint),
+ClassifierOracle on real images, the count app with oracle=classifier, and bad input named in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from biasamp.data import BiasedMNIST
+from tests.conftest import run_app, run_count
+
+ORACLE_ARGS = ["dataset.classes_to_use=[0,1]", "dataset.img_resolution=16", "max_steps=12", "batch_size=32"]
+
+
+def _one_line_error(proc, prefix: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def bias_oracle(tmp_path_factory) -> Path:
+    """A colour oracle for digits 0 and 1, trained for a few steps on the embedded Biased MNIST."""
+    cwd = tmp_path_factory.mktemp("oracle")
+    proc = run_app("oracle", [*ORACLE_ARGS, "attribute=bias", "name=bias01"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = cwd / "runs" / "oracles" / "bias01" / "oracle.ckpt"
+    assert str(path) in proc.stdout and "held-out accuracy=" in proc.stdout
+    return path
+
+
+def test_oracle_checkpoint_holds_heldout_metrics(bias_oracle):
+    ckpt = torch.load(bias_oracle, map_location="cpu", weights_only=True)
+    assert ckpt["arch"] == "resnet18" and ckpt["num_values"] == 2 and ckpt["img_resolution"] == 16
+    assert ckpt["attribute"] == "colour" and ckpt["value_names"] == ["red", "green"]
+    assert ckpt["accuracy"] > 0.95
+    counts = np.asarray(ckpt["confusion"]["colour"]["counts"])
+    assert ckpt["confusion"]["colour"]["labels"] == ["red", "green"]
+    assert counts.shape == (2, 2) and counts.sum() == ckpt["n_heldout"]
+    assert np.trace(counts) / counts.sum() == pytest.approx(ckpt["accuracy"])
+    assert len(ckpt["group_accuracy"]) == 4 and sum(g["n"] for g in ckpt["group_accuracy"]) == ckpt["n_heldout"]
+    assert ckpt["worst_group_accuracy"] == min(g["accuracy"] for g in ckpt["group_accuracy"])
+    assert [n["sigma"] for n in ckpt["noise_accuracy"]] == [0.0, 0.05, 0.1, 0.2, 0.5]
+    assert ckpt["noise_accuracy"][0]["accuracy"] == pytest.approx(ckpt["accuracy"])
+    metrics = json.loads((bias_oracle.parent / "metrics.json").read_text())
+    assert metrics["confusion"] == ckpt["confusion"] and "state_dict" not in metrics
+
+
+def test_balanced_split_has_equal_groups_and_disjoint_heldout():
+    from biasamp.oracle import balanced_split, group_ids
+
+    data = BiasedMNIST(rho=0.9, classes_to_use=[0, 1, 2], img_resolution=8)
+    labels, biases = data.labels.numpy(), data.biases.numpy()
+    train, val = balanced_split(labels, biases, 3, 0.2, seed=0)
+    groups, sizes = np.unique(group_ids(labels[train], biases[train], 3), return_counts=True)
+    assert len(groups) == 9 and len(set(sizes.tolist())) == 1  # every (class, bias) group, equal counts
+    assert not set(train.tolist()) & set(val.tolist())
+    all_groups, all_sizes = np.unique(group_ids(labels, biases, 3), return_counts=True)
+    val_groups, val_sizes = np.unique(group_ids(labels[val], biases[val], 3), return_counts=True)
+    assert (val_groups == all_groups).all() and (val_sizes == np.floor(0.2 * all_sizes + 1e-9)).all()
+    again, _ = balanced_split(labels, biases, 3, 0.2, seed=0)
+    assert (again == train).all()
+
+
+def test_classifier_oracle_predicts_real_images(bias_oracle):
+    from biasamp.oracles import ClassifierOracle
+
+    oracle = ClassifierOracle.from_checkpoint(bias_oracle).to("cpu")
+    assert oracle.attributes == ["colour"] and oracle.value_names == [["red", "green"]]
+    assert oracle.confusion == torch.load(bias_oracle, weights_only=True)["confusion"]
+    # the test split at 32 px: other images than trained on, at another resolution (the oracle resizes)
+    data = BiasedMNIST(rho=0.5, split="test", classes_to_use=[0, 1], img_resolution=32)
+    images = data.images[::5].float() / 127.5 - 1
+    out = oracle(images)
+    assert out.bias.shape == (len(images), 1) and out.valid.all()
+    assert ((out.confidence >= 0.5) & (out.confidence <= 1)).all()
+    assert (out.bias[:, 0] == data.biases[::5]).float().mean() > 0.95
+
+
+def test_count_with_classifier_oracle_records_confusion(tiny_checkpoint, bias_oracle, tmp_path):
+    proc = run_count([f"checkpoint={tiny_checkpoint}", "oracle=classifier", f"oracle.checkpoint={bias_oracle}",
+                      "n_per_class=6", "sampler.num_steps=4", "save_grid=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (meta_path,) = (tmp_path / "runs" / "count").glob("*/*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    stored = torch.load(bias_oracle, weights_only=True)["confusion"]
+    assert meta["oracle"]["name"] == "classifier" and meta["oracle"]["attributes"] == ["colour"]
+    assert meta["oracle"]["confusion"] == stored
+
+
+def test_bad_oracle_inputs_are_one_line(tiny_checkpoint, bias_oracle, tmp_path):
+    from biasamp.count import check_and_plan
+    from biasamp.oracles import ClassifierOracle, build_oracle
+    from tests.test_count import compose_count
+
+    missing = tmp_path / "missing.ckpt"
+    with pytest.raises(FileNotFoundError) as err:
+        check_and_plan(compose_count([f"checkpoint={tiny_checkpoint}", "oracle=classifier",
+                                      f"oracle.checkpoint={missing}"]))
+    assert str(err.value).startswith("oracle checkpoint not found") and "\n" not in str(err.value)
+
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(bias_oracle.read_bytes()[:3000])
+    with pytest.raises(ValueError, match="could not be read"):
+        ClassifierOracle.from_checkpoint(corrupt)
+
+    # an oracle whose values do not fit the count checkpoint's bias values; no oracle checkpoint at all
+    ckpt = torch.load(bias_oracle, weights_only=True)
+    other = tmp_path / "other.ckpt"
+    torch.save({**ckpt, "value_names": ["blue", "yellow"]}, other)
+    with pytest.raises(ValueError) as err:
+        check_and_plan(compose_count([f"checkpoint={tiny_checkpoint}", "oracle=classifier",
+                                      f"oracle.checkpoint={other}"]))
+    assert "['blue', 'yellow']" in str(err.value) and "['red', 'green']" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="needs oracle.checkpoint="):
+        check_and_plan(compose_count([f"checkpoint={tiny_checkpoint}", "oracle=classifier"]))
+
+    from biasamp.checkpoints import load_checkpoint, metadata
+    meta = metadata(load_checkpoint(tiny_checkpoint))
+    with pytest.raises(ValueError, match="oracle.foo is not an option"):
+        build_oracle({"name": "classifier", "checkpoint": str(bias_oracle), "foo": 1}, meta)
+
+    proc = run_app("oracle", [*ORACLE_ARGS, "attribute=foo"], tmp_path / "c")
+    assert "attribute='foo' is not allowed" in _one_line_error(proc, "biasamp.oracle: error:")
+    assert not list((tmp_path / "c").rglob("oracle.ckpt"))
