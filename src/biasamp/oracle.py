@@ -1,12 +1,12 @@
 """Oracle training app: ``python -m biasamp.oracle dataset=<name> attribute=bias|target [rho=...]``.
 
-Trains a classifier oracle (conf/oracle_train.yaml describes every option) on a balanced resample of the
-real training data: every (class, bias) group is first split into a held-out part (``val_fraction`` of it,
-never trained on) and a training part; the training parts are then resampled (seeded, with replacement
-beyond a group's size) to the size of the largest one, so the classifier cannot use the class as a shortcut
-for the bias, nor the bias for the class. After training it measures, on the held-out data, the confusion
-counts, the accuracy of every group, the overall accuracy and the accuracy under added Gaussian noise, and
-writes ``oracle.ckpt`` (loadable with ``weights_only=True``) and ``metrics.json``. Every value is checked
+Trains a classifier oracle with a Lightning Trainer (conf/oracle_train.yaml describes every option) on a
+balanced resample of the real training data: every (class, bias) group is first split into a held-out part
+(``val_fraction`` of it, never trained on) and a training part; the training parts are then resampled
+(seeded, with replacement beyond a group's size) to the size of the largest one, so the classifier cannot
+use the class as a shortcut for the bias, nor the bias for the class. After training it measures, on the
+held-out data, the confusion counts, the accuracy of every group, the overall accuracy and the accuracy
+under added Gaussian noise, and writes ``oracle.ckpt`` (loadable with ``weights_only=True``) and ``metrics.json``. Every value is checked
 before any work; a bad one stops the app with one line on stderr and exit status 2.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from biasamp.data import build_dataset
+from biasamp.data.stream import to_model_range
 from biasamp.io import atomic_write_json
 from biasamp.oracles.classifier import ARCHS, ORACLE_FORMAT, build_classifier, prepare_images
 
@@ -119,9 +121,43 @@ def balanced_split(labels: Any, biases: Any, num_biases: int, val_fraction: floa
     return train_idx, np.sort(np.concatenate(held))
 
 
-def _as_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float [-1, 1] (one batch at a time: a whole large dataset in float would not fit)."""
-    return images.float() / 127.5 - 1.0
+class _ShuffledBatches:
+    """Endless seeded epochs over ``indices``: (uint8 images, targets) batches (images are converted to float
+    one batch at a time: a whole large dataset in float would not fit)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, indices: np.ndarray, batch: int, seed: int):
+        self.images, self.targets, self.batch, self.seed = images, targets, batch, seed
+        self.indices = torch.as_tensor(indices)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed)
+        while True:
+            order = self.indices[torch.randperm(len(self.indices), generator=gen)]
+            for i in range(0, len(order), self.batch):
+                idx = order[i:i + self.batch]
+                yield self.images[idx], self.targets[idx]
+
+
+class AttributeClassifier(L.LightningModule):
+    """Cross-entropy training of ``model`` on uint8 image batches (Adam)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, resolution: int, imagenet_norm: bool) -> None:
+        super().__init__()
+        self.model, self.lr, self.resolution, self.imagenet_norm = model, lr, resolution, imagenet_norm
+        self.last_loss = float("nan")
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        x = prepare_images(to_model_range(images), self.resolution, self.imagenet_norm)
+        loss = F.cross_entropy(self.model(x), targets)
+        self.last_loss = float(loss.detach())
+        if not math.isfinite(self.last_loss):
+            raise OracleConfigError(f"the training loss became {self.last_loss} at step {self.global_step + 1}; "
+                                    "lower lr")
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -133,7 +169,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, resolution: int, image
     model.eval()
     out = []
     for start in range(0, len(images), EVAL_BATCH):
-        x = _as_float(images[start:start + EVAL_BATCH])
+        x = to_model_range(images[start:start + EVAL_BATCH])
         if noise_sigma > 0:
             x = x + noise_sigma * torch.randn(x.shape, generator=generator)
         out.append(model(prepare_images(x.to(device), resolution, imagenet_norm)).argmax(dim=1).cpu())
@@ -187,25 +223,15 @@ def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     batch = int(cfg.batch_size)
     steps_per_epoch = math.ceil(len(train_idx) / batch)
     max_steps = int(cfg.max_steps) if cfg.max_steps is not None else int(cfg.max_epochs) * steps_per_epoch
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg.lr))
-    gen = torch.Generator().manual_seed(int(cfg.seed))
+    module = AttributeClassifier(model, float(cfg.lr), resolution, imagenet_norm)
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=max_steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=str(out_dir))
     start = time.perf_counter()
-    step, loss = 0, float("nan")
-    model.train()
-    while step < max_steps:
-        order = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=gen)]
-        for i in range(0, len(order), batch):
-            idx = order[i:i + batch]
-            x = prepare_images(_as_float(images[idx].to(device)), resolution, imagenet_norm)
-            out = F.cross_entropy(model(x), y[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            out.backward()
-            optimizer.step()
-            loss, step = float(out.detach()), step + 1
-            if not math.isfinite(loss):
-                raise OracleConfigError(f"the training loss became {loss} at step {step}; lower lr")
-            if step >= max_steps:
-                break
+    trainer.fit(module, train_dataloaders=_ShuffledBatches(images, y, train_idx, batch, int(cfg.seed)))
+    step, loss = int(trainer.global_step), module.last_loss
+    model = module.model.to(device)
     train_s = time.perf_counter() - start
 
     val = torch.as_tensor(val_idx)
