@@ -6,8 +6,9 @@ balanced resample of the real training data: every (class, bias) group is first 
 (seeded, with replacement beyond a group's size) to the size of the largest one, so the classifier cannot
 use the class as a shortcut for the bias, nor the bias for the class. After training it measures, on the
 held-out data, the confusion counts, the accuracy of every group, the overall accuracy and the accuracy
-under added Gaussian noise, and writes ``oracle.ckpt`` (loadable with ``weights_only=True``) and ``metrics.json``. Every value is checked
-before any work; a bad one stops the app with one line on stderr and exit status 2.
+under added Gaussian noise, and writes ``oracle.ckpt`` (loadable with ``weights_only=True``) and
+``metrics.json``. Every value is checked before any work; a bad one stops the app with one line on stderr
+and exit status 2.
 """
 
 from __future__ import annotations
