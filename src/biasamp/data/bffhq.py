@@ -21,10 +21,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from biasamp.data.images import InMemoryImageDataset, check_common, load_images, not_found
-from biasamp.data.resample import check_rho, rho_resample
+from biasamp.data.resample import check_rho
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 SPLIT_FOLDERS = {"train": ["0.5pct"], "valid": ["valid"], "test": ["test"], "pooled": ["0.5pct", "valid", "test"]}
@@ -109,8 +108,4 @@ class BFFHQ(InMemoryImageDataset):
         self.rho_requested = rho
         self.class_names = ["young", "old"]
         self.bias_names = ["female", "male"]
-        if rho is not None:
-            index = rho_resample(labels, biases, rho, int(seed), num_classes=2)
-            images, labels, biases = images[torch.from_numpy(index)], labels[index], biases[index]
-            files = files[index]
-        self._store(images, labels, biases, list(files), dropped + unreadable)
+        self._store(images, labels, biases, files, dropped + unreadable)

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
+from biasamp.data.base import InMemoryBiasDataset
 from biasamp.data.mnist import load_mnist
 from biasamp.data.palette import COLOUR_NAMES, PALETTE
 
@@ -130,7 +130,7 @@ def _validate_rho(rho: float | Sequence[float], num_classes: int) -> list[float]
     )
 
 
-class BiasedMNIST(Dataset):
+class BiasedMNIST(InMemoryBiasDataset):
     """Coloured-background MNIST with a controlled share ``rho`` of bias-aligned samples.
 
     Args:
@@ -261,29 +261,3 @@ class BiasedMNIST(Dataset):
         self.n_aligned: int = int(sum(aligned_counts))
         self.n_conflicting: int = int(len(labels) - self.n_aligned)
         self.rho_effective: float = self.n_aligned / len(labels) if len(labels) else 0.0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        image = self.images[i].to(torch.float32) / 127.5 - 1.0
-        return image, int(self.labels[i]), int(self.biases[i])
-
-    def summary(self) -> dict:
-        """Plain-Python description (JSON/YAML safe) of what was built."""
-        return {
-            "name": self.name,
-            "split": self.split,
-            "source": self.source,
-            "n": len(self),
-            "num_classes": self.num_classes,
-            "class_names": list(self.class_names),
-            "bias_names": list(self.bias_names),
-            "rho_requested": self.rho_requested,
-            "rho_effective": self.rho_effective,
-            "rho_per_class": list(self.rho_per_class),
-            "n_aligned": self.n_aligned,
-            "n_conflicting": self.n_conflicting,
-            "class_counts": list(self.class_counts),
-            "seed": self.seed,
-        }

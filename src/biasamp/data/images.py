@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+
+from biasamp.data.base import InMemoryBiasDataset
+from biasamp.data.resample import rho_resample
 
 ON_ERROR = ("skip", "raise")
 N_DROPPED_SHOWN = 5  # how many dropped file names summary() and the warning line show
@@ -104,11 +106,12 @@ def warn_dropped(name: str, dropped: Sequence[tuple[str, str]]) -> None:
           file=sys.stderr)
 
 
-class InMemoryImageDataset(Dataset):
+class InMemoryImageDataset(InMemoryBiasDataset):
     """Base of the real datasets: uint8 images, class labels and bias values held in memory.
 
-    Subclasses call :meth:`_store` at the end of ``__init__``. ``files`` is the source file of each stored
-    sample; ``dropped`` the ``(path, reason)`` of each file that could not be used.
+    Subclasses set their names, ``seed`` and ``rho_requested`` and call :meth:`_store` at the end of
+    ``__init__``. ``files`` is the source file of each stored sample; ``dropped`` the ``(path, reason)`` of each
+    file that could not be used.
     """
 
     name: str
@@ -119,8 +122,12 @@ class InMemoryImageDataset(Dataset):
     class_names: list[str]
     bias_names: list[str]
 
-    def _store(self, images: torch.Tensor, labels: np.ndarray, biases: np.ndarray, files: Sequence[str],
+    def _store(self, images: torch.Tensor, labels: np.ndarray, biases: np.ndarray, files: np.ndarray,
                dropped: Sequence[tuple[str, str]]) -> None:
+        """Keep the loaded samples, first resampled to ``rho_requested`` (seeded) when it is set."""
+        if self.rho_requested is not None:
+            index = rho_resample(labels, biases, self.rho_requested, self.seed, num_classes=len(self.class_names))
+            images, labels, biases, files = images[torch.from_numpy(index)], labels[index], biases[index], files[index]
         self.images: torch.Tensor = images.contiguous()
         self.labels: torch.Tensor = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.biases: torch.Tensor = torch.as_tensor(np.asarray(biases, dtype=np.int64))
@@ -141,30 +148,10 @@ class InMemoryImageDataset(Dataset):
         self.n_dropped: int = len(self.dropped)
         warn_dropped(self.name, self.dropped)
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        image = self.images[i].to(torch.float32) / 127.5 - 1.0
-        return image, int(self.labels[i]), int(self.biases[i])
-
     def summary(self) -> dict:
         """Plain-Python description (JSON/YAML safe) of what was built, dropped files included."""
         return {
-            "name": self.name,
-            "split": self.split,
-            "source": self.source,
-            "n": len(self),
-            "num_classes": self.num_classes,
-            "class_names": list(self.class_names),
-            "bias_names": list(self.bias_names),
-            "rho_requested": self.rho_requested,
-            "rho_effective": self.rho_effective,
-            "rho_per_class": list(self.rho_per_class),
-            "n_aligned": self.n_aligned,
-            "n_conflicting": self.n_conflicting,
-            "class_counts": list(self.class_counts),
-            "seed": self.seed,
+            **super().summary(),
             "n_dropped": self.n_dropped,
             "dropped_files": [f"{path} ({reason})" for path, reason in self.dropped[:N_DROPPED_SHOWN]],
         }

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from biasamp.data.images import InMemoryImageDataset, check_common, load_images, not_found
-from biasamp.data.resample import check_rho, rho_resample
+from biasamp.data.resample import check_rho
 
 FOLDER = "waterbird_complete95_forest2water2"
 REQUIRED_COLUMNS = ("img_filename", "y", "split", "place")
@@ -97,9 +96,5 @@ class Waterbirds(InMemoryImageDataset):
         self.rho_requested = rho
         self.class_names = ["landbird", "waterbird"]
         self.bias_names = ["land", "water"]
-        if rho is not None:
-            index = rho_resample(labels, biases, rho, int(seed), num_classes=2)
-            images, labels, biases = images[torch.from_numpy(index)], labels[index], biases[index]
-            files = files[index]
-        self._store(images, labels, biases, list(files), dropped)
+        self._store(images, labels, biases, files, dropped)
 
