@@ -91,8 +91,11 @@ def _logger(cfg: DictConfig) -> Any:
     return instantiate(cfg.logger)
 
 
-def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, DiffusionModule, InMemoryDataModule, Path | None]:
-    """Build everything for a run; raises one of SETUP_ERRORS on bad input, before any training."""
+def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, DiffusionModule, InMemoryDataModule, Path | None, int]:
+    """Build everything for a run; raises one of SETUP_ERRORS on bad input, before any training.
+
+    Returns the trainer, module, data, the checkpoint to resume from (or None) and the images it has seen (0).
+    """
     check_train_config(cfg)
     world, batch_gpu, accumulate = batch_layout(cfg)
     resume_from = _resume_path(cfg, run_dir / "checkpoints")
@@ -133,8 +136,11 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, DiffusionModule, I
         max_nonfinite_steps=cfg.max_nonfinite_steps,
         metadata=metadata,
     )
+    resumed_n_img = 0
     if resume_from is not None:
-        _check_compatible(load_checkpoint(resume_from), module, resume_from)
+        resume_ckpt = load_checkpoint(resume_from)
+        _check_compatible(resume_ckpt, module, resume_from)
+        resumed_n_img = int(resume_ckpt["n_img"])
     datamodule = InMemoryDataModule(dataset, batch_gpu=batch_gpu, seed=cfg.seed, on_device=cfg.data.on_device)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
@@ -153,7 +159,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, DiffusionModule, I
         enable_checkpointing=False,
         enable_model_summary=False,
     )
-    return trainer, module, datamodule, resume_from
+    return trainer, module, datamodule, resume_from, resumed_n_img
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -164,15 +170,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     try:
-        trainer, module, datamodule, resume_from = setup(cfg, run_dir)
+        trainer, module, datamodule, resume_from, done_img = setup(cfg, run_dir)
     except SETUP_ERRORS as err:
         print(f"biasamp.train: error: {err}", file=sys.stderr)
         sys.exit(2)
-    if resume_from is not None:
-        done_img = int(load_checkpoint(resume_from)["n_img"])
-        if done_img >= trainer.max_steps * module.batch_total:  # finished: touch nothing (counts keep their sha)
-            print(f"biasamp.train: {run_dir.name} is already finished (n_img={done_img}, {resume_from.name})")
-            return {"run_dir": str(run_dir), "n_img": done_img, "already_finished": True}
+    if resume_from is not None and done_img >= trainer.max_steps * module.batch_total:
+        # finished: touch nothing (counts keep their checkpoint's sha256)
+        print(f"biasamp.train: {run_dir.name} is already finished (n_img={done_img}, {resume_from.name})")
+        return {"run_dir": str(run_dir), "n_img": done_img, "already_finished": True}
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "run.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(module.hparams_initial))))
     prepare_relaunch()
