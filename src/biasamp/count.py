@@ -42,6 +42,14 @@ from biasamp.io import atomic_write_bytes, atomic_write_json
 from biasamp.launch import ddp_job, prepare_relaunch
 from biasamp.oracles import build_oracle
 from biasamp.sampling import check_sampler_config
+from biasamp.speed import (
+    SpeedConfigError,
+    check_compile_mode,
+    check_switch,
+    device_type,
+    fast_denoiser,
+    resolve_precision,
+)
 
 UNCOND = "uncond"
 GUIDANCE_UNCOND = ("null", "class_mean")
@@ -64,10 +72,29 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def setting_name(sampler: Any, guidance: Any, uncond: Any, interval: Any, oracle: Any, seed: Any) -> str:
-    """A readable, unique folder name for one sampling setting: the main knobs plus a hash of all of them."""
+def count_precision(precision: Any, accelerator: Any) -> str:
+    """The resolved sampling precision (fp32 | bf16) of ``precision`` (fp32 | bf16 | auto) on ``accelerator``."""
+    try:
+        return resolve_precision("precision", precision, device_type(accelerator))
+    except SpeedConfigError as err:
+        raise CountConfigError(str(err)) from None
+
+
+def setting_name(sampler: Any, guidance: Any, uncond: Any, interval: Any, oracle: Any, seed: Any,
+                 precision: Any = "fp32", accelerator: Any = "auto") -> str:
+    """A readable, unique folder name for one sampling setting: the main knobs plus a hash of all of them.
+
+    A bf16 job gets a ``-bf16`` part and its own hash; fp32 jobs keep the names they had before precision
+    was a setting."""
     sampler, oracle, interval = _plain(sampler), _plain(oracle), _plain(interval)
-    blob = json.dumps([sampler, guidance, uncond, interval, oracle, seed], sort_keys=True, default=str)
+    try:
+        resolved = count_precision(precision, accelerator)
+    except CountConfigError:
+        resolved = str(precision)  # check_and_plan reports it
+    items = [sampler, guidance, uncond, interval, oracle, seed]
+    if resolved != "fp32":
+        items.append({"precision": resolved})
+    blob = json.dumps(items, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
     parts = [str(sampler.get("name"))]
     if sampler.get("name") == "edm":
@@ -75,6 +102,8 @@ def setting_name(sampler: Any, guidance: Any, uncond: Any, interval: Any, oracle
     else:
         parts += [f"steps{sampler.get('num_steps')}"]
     parts.append(f"w{guidance:g}" if isinstance(guidance, numbers.Real) else f"w{guidance}")
+    if resolved != "fp32":
+        parts.append(resolved)
     return "-".join(parts) + f"-{digest}"
 
 
@@ -107,6 +136,7 @@ class Plan:
     fingerprint: str
     interval: tuple[float, float] | None
     uncond: str
+    precision: str = "fp32"  # resolved: fp32 | bf16
 
 
 def check_and_plan(cfg: DictConfig) -> Plan:
@@ -127,6 +157,13 @@ def check_and_plan(cfg: DictConfig) -> Plan:
                                    "with 0 <= sigma_lo < sigma_hi, or null")
         interval = (float(interval[0]), float(interval[1]))
     check_sampler_config(_plain(cfg.sampler))
+    precision = count_precision(cfg.get("precision", "fp32"), cfg.fabric.accelerator)
+    try:
+        check_switch("compile", cfg.get("compile", False))
+        check_switch("channels_last", cfg.get("channels_last", False))
+        check_compile_mode("compile_mode", cfg.get("compile_mode", "default"))
+    except SpeedConfigError as err:
+        raise CountConfigError(str(err)) from None
     _int(cfg, "n_per_class", 1)
     _int(cfg, "batch_size", 1)
     _int(cfg, "seed", 0)
@@ -150,12 +187,14 @@ def check_and_plan(cfg: DictConfig) -> Plan:
         rows.append(Row(UNCOND, None))
     oracle = build_oracle(_plain(cfg.oracle), meta)
     sha = sha256_file(checkpoint)
-    fingerprint_blob = json.dumps({
+    identity = {
         "checkpoint_sha256": sha, "sampler": _plain(cfg.sampler), "guidance": float(guidance), "uncond": uncond,
         "interval": interval, "oracle": _plain(cfg.oracle), "seed": int(cfg.seed), "format": 1,
-    }, sort_keys=True, default=str)
-    fingerprint = hashlib.sha256(fingerprint_blob.encode()).hexdigest()
-    return Plan(checkpoint, sha, net, meta, oracle, rows, fingerprint, interval, uncond)
+    }
+    if precision != "fp32":  # bf16 samples differ from fp32 ones: never continue one job as the other
+        identity["precision"] = precision
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return Plan(checkpoint, sha, net, meta, oracle, rows, fingerprint, interval, uncond, precision)
 
 
 # ------------------------------------------------------------------------------------------- the app
@@ -216,8 +255,10 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
                 print(meta["summary"])
             return meta
 
+    net = fast_denoiser(plan.net, fabric.device, precision=plan.precision, channels_last=cfg.channels_last,
+                        compile=cfg.compile, compile_mode=cfg.compile_mode)
     setup = CountSetup(
-        net=plan.net.to(fabric.device), oracle=oracle, sampler=_plain(cfg.sampler), guidance=float(cfg.guidance),
+        net=net, oracle=oracle, sampler=_plain(cfg.sampler), guidance=float(cfg.guidance),
         guidance_uncond=plan.uncond, guidance_interval=plan.interval, seed=int(cfg.seed),
         label_dim=int(plan.meta["label_dim"]),
         image_shape=(int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]), int(plan.meta["img_resolution"])),
@@ -247,6 +288,18 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         return _write_outputs(cfg, plan, setup, state, stats, job_dir, sweep_dir, world)
 
 
+def data_rho(meta: dict[str, Any], attribute: str, n_attributes: int) -> float:
+    """The training data's rho for one oracle attribute: the dataset summary's per-attribute value, else (one
+    attribute) the checkpoint's rho_data. A missing attribute is an error, never a silent fallback."""
+    by_attribute = (meta.get("data") or {}).get("rho_by_attribute") or {}
+    if attribute in by_attribute:
+        return float(by_attribute[attribute])
+    if n_attributes == 1 and len(by_attribute) <= 1:
+        return float(meta["rho_data"])
+    raise ValueError(f"the oracle's attribute {attribute!r} is not a bias attribute of the checkpoint's dataset "
+                     f"({sorted(by_attribute)}); use an oracle for that dataset")
+
+
 def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountState, stats: Any,
                    job_dir: Path, sweep_dir: Path, world: int) -> dict[str, Any]:
     row_names = [r.name for r in plan.rows]
@@ -259,19 +312,22 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         _save_grid(setup, plan.rows, int(cfg.grid_per_class), job_dir / "grid.png")
 
     class_names = [str(c) for c in plan.meta["class_names"]]
-    rho_data = float(plan.meta["rho_data"])
-    est = rho_model_from_counts(table, class_names, values[0], attributes[0], level=float(cfg.ci_level))
-    est_valid = rho_model_from_counts(table, class_names, values[0], attributes[0], level=float(cfg.ci_level),
-                                      valid_only=True)
+    level = float(cfg.ci_level)
+    rho_data = {a: data_rho(plan.meta, a, len(attributes)) for a in attributes}
+    est = {a: rho_model_from_counts(table, class_names, v, a, level=level) for a, v in zip(attributes, values)}
+    est_valid = {a: rho_model_from_counts(table, class_names, v, a, level=level, valid_only=True)
+                 for a, v in zip(attributes, values)}
     n_invalid = int(table.loc[~table["valid"].astype(bool) & (table["class"] != UNCOND), "count"].sum())
     nfe = stats.nfe_per_image
     if not math.isfinite(nfe):  # nothing sampled in this session (only files were missing): keep the old figure
         old = job_dir / "meta.json"
         nfe = json.loads(old.read_text()).get("nfe_per_image", nfe) if old.is_file() else nfe
     sampler = _plain(cfg.sampler)
-    summary = (f"biasamp.count: {job_dir.name}: rho_model={est.rho_model:.4f} "
-               f"[{est.ci_low:.4f}, {est.ci_high:.4f}] ({int(cfg.ci_level * 100)}% CP, n={est.n}, "
-               f"rho_data={rho_data:.4f}, invalid={n_invalid}) {stats.images_per_s:.1f} img/s, {nfe:g} NFE/img")
+    summary = "; ".join(
+        f"{a}: rho_model={est[a].rho_model:.4f} [{est[a].ci_low:.4f}, {est[a].ci_high:.4f}] rho_data={rho_data[a]:.4f}"
+        for a in attributes)
+    summary = (f"biasamp.count: {job_dir.name}: {summary} ({int(level * 100)}% CP, n={est[attributes[0]].n}, "
+               f"invalid={n_invalid}) {stats.images_per_s:.1f} img/s, {nfe:g} NFE/img")
     meta = {
         "checkpoint": str(plan.checkpoint),
         "checkpoint_sha256": plan.checkpoint_sha256,
@@ -279,7 +335,8 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         "n_img_trained": plan.meta["n_img"],
         "dataset": plan.meta["config"]["dataset"],
         "dataset_summary": plan.meta.get("data"),
-        "rho_data": rho_data,
+        "rho_data": rho_data[attributes[0]],
+        "rho_data_by_attribute": rho_data,
         "class_names": class_names,
         "model": plan.meta["config"]["model"].get("name"),
         "sampler": sampler,
@@ -301,16 +358,18 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         "device": str(setup.device),
         "versions": _versions(),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rho_model": est.rho_model,
+        "rho_model": est[attributes[0]].rho_model,
+        "rho_model_by_attribute": {a: est[a].rho_model for a in attributes},
         "summary": summary,
     }
     atomic_write_json(job_dir / "meta.json", meta)
-    result = {
+    rows = [{
         "job_dir": job_dir.name,
         "run": meta["run"],
         "checkpoint": str(plan.checkpoint),
         "dataset": meta["dataset"]["name"],
-        "rho_data": rho_data,
+        "attribute": a,
+        "rho_data": rho_data[a],
         **_flat("sampler", sampler),
         "guidance": float(cfg.guidance),
         "guidance_uncond": plan.uncond,
@@ -318,20 +377,20 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         "oracle": _plain(cfg.oracle)["name"],
         "seed": int(cfg.seed),
         "n_per_class": int(cfg.n_per_class),
-        "n": est.n,
-        "n_aligned": est.n_aligned,
-        "rho_model": est.rho_model,
-        "ci_low": est.ci_low,
-        "ci_high": est.ci_high,
-        "ci_method": est.ci_method,
-        "ci_level": est.ci_level,
-        "delta": est.rho_model - rho_data,
+        "n": est[a].n,
+        "n_aligned": est[a].n_aligned,
+        "rho_model": est[a].rho_model,
+        "ci_low": est[a].ci_low,
+        "ci_high": est[a].ci_high,
+        "ci_method": est[a].ci_method,
+        "ci_level": est[a].ci_level,
+        "delta": est[a].rho_model - rho_data[a],
         "n_invalid": n_invalid,
-        "rho_model_valid": est_valid.rho_model,
+        "rho_model_valid": est_valid[a].rho_model,
         "nfe": nfe,
         "images_per_s": meta["images_per_s"],
-    }
-    update_results(sweep_dir / "results.csv", result)
+    } for a in attributes]
+    update_results(sweep_dir / "results.csv", rows)
     print(summary)
     return meta
 

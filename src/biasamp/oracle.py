@@ -35,8 +35,6 @@ from biasamp.oracles.classifier import ARCHS, ORACLE_FORMAT, build_classifier, p
 
 ATTRIBUTES = ("bias", "target")
 DEVICES = ("auto", "cpu", "cuda")
-# the count column of a dataset's bias attribute, where the dataset does not name it itself
-BIAS_ATTRIBUTE_NAMES = {"biased_mnist": "colour"}
 EVAL_BATCH = 512
 
 
@@ -196,8 +194,12 @@ def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     class_names = [str(c) for c in dataset.class_names]
     bias_names = [str(b) for b in dataset.bias_names]
     labels, biases = dataset.labels.numpy(), dataset.biases.numpy()
+    attributes = list(getattr(dataset, "bias_attributes", None) or ["bias"])
+    if biases.ndim != 1:
+        raise OracleConfigError(f"dataset={cfg.dataset.name!r} has {len(attributes)} bias attributes {attributes}; "
+                                "the oracle app learns one: count this dataset with oracle=colour")
     if cfg.attribute == "bias":
-        attribute = getattr(dataset, "bias_attribute", None) or BIAS_ATTRIBUTE_NAMES.get(cfg.dataset.name, "bias")
+        attribute = attributes[0]
         value_names, targets = bias_names, biases
     else:
         attribute, value_names, targets = "class", class_names, labels

@@ -113,9 +113,10 @@ def _heatmap_name(row: pd.Series, df: pd.DataFrame) -> str:
     """The job's setting (the part of job_dir after '__') when that is unique, else its whole name."""
     job = str(row["job_dir"])
     short = job.split("__", 1)[-1]
-    if (df["job_dir"].astype(str).str.split("__", n=1).str[-1] == short).sum() == 1:
+    jobs = df.drop_duplicates(["sweep", "job_dir"])["job_dir"].astype(str)  # a job has a row per attribute
+    if (jobs.str.split("__", n=1).str[-1] == short).sum() == 1:
         return short
-    if (df["job_dir"].astype(str) == job).sum() == 1:
+    if (jobs == job).sum() == 1:
         return job
     return f"{Path(str(row['sweep'])).name}__{job}"
 
@@ -128,6 +129,8 @@ def write_heatmaps(df: pd.DataFrame, keys: list[str], out_dir: Path, s: Settings
         title = f"{label}\n" + r"$\rho_\mathrm{model}$" + f" = {row['rho_model']:.3f}"
         oracle = job.meta["oracle"]
         for attribute, values in zip(oracle["attributes"], oracle["value_names"], strict=True):
+            if str(attribute) != job.attribute and "attribute" in df.columns:  # its own row draws the others
+                continue
             stem = out_dir / "heatmaps" / f"{_heatmap_name(row, df)}_{attribute}"
             paths += plot_count_heatmap(job.counts, job.class_names, [str(v) for v in values], str(attribute), stem,
                                         title=title, formats=s.formats, width_in=s.width_in, dpi=s.dpi)

@@ -26,6 +26,7 @@ from biasamp.data.datamodule import InMemoryDataModule
 from biasamp.io import atomic_write_json, atomic_write_text
 from biasamp.launch import ddp_job, is_child_rank, prepare_relaunch
 from biasamp.models import build_denoiser
+from biasamp.speed import device_type, train_speed
 from biasamp.training import (
     ConfigError,
     DiffusionModule,
@@ -135,6 +136,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, DiffusionModule, I
         ema_loss_every_n_steps=cfg.ema_loss_every_n_steps,
         max_nonfinite_steps=cfg.max_nonfinite_steps,
         metadata=metadata,
+        **train_speed(cfg.get("speed"), device_type(cfg.trainer.get("accelerator", "auto"))),
     )
     resumed_n_img = 0
     if resume_from is not None:

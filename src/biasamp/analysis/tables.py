@@ -35,7 +35,7 @@ from biasamp.io import atomic_write_text
 
 REQUIRED_COLUMNS = ("job_dir", "run", "rho_data", "sampler.name", "guidance", "n", "n_aligned")
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
-KEY_ORDER = ("rho_data", "run", "checkpoint", "dataset", "sampler.name", "sampler.solver", "sampler.num_steps",
+KEY_ORDER = ("rho_data", "run", "checkpoint", "dataset", "attribute", "sampler.name", "sampler.solver", "sampler.num_steps",
              "sampler.s_churn", "sampler.order", "sampler.eta")
 KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "seed", "n_per_class", "sweep")
 # never shown in a caption: long paths that the run name already stands for
@@ -160,6 +160,7 @@ class Job:
     folder: Path
     counts: pd.DataFrame
     meta: dict[str, Any]
+    rho_attribute: str | None = None  # the bias attribute of the results row (None: the oracle's first)
 
     @property
     def class_names(self) -> list[str]:
@@ -167,11 +168,12 @@ class Job:
 
     @property
     def attribute(self) -> str:
-        return str(self.meta["oracle"]["attributes"][0])
+        return self.rho_attribute or str(self.meta["oracle"]["attributes"][0])
 
     @property
     def value_names(self) -> list[str]:
-        return [str(v) for v in self.meta["oracle"]["value_names"][0]]
+        attributes = [str(a) for a in self.meta["oracle"]["attributes"]]
+        return [str(v) for v in self.meta["oracle"]["value_names"][attributes.index(self.attribute)]]
 
     @property
     def confusion(self) -> dict[str, Any] | None:
@@ -187,10 +189,11 @@ def load_job(row: pd.Series) -> Job:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder / name} not found: results.csv names job {row['job_dir']} but its "
                                     "files are missing; rerun that count job")
-    return _read_job(folder)
+    attribute = row.get("attribute")
+    return _read_job(folder, None if _is_missing(attribute) else str(attribute))
 
 
-def _read_job(folder: Path) -> Job:
+def _read_job(folder: Path, attribute: str | None = None) -> Job:
     """Read and check a job folder's counts.csv and meta.json (ValueError naming the file on a bad one)."""
     counts = pd.read_csv(folder / "counts.csv", dtype=str, keep_default_na=False)
     missing = [c for c in ("class", "count") if c not in counts.columns]
@@ -213,7 +216,10 @@ def _read_job(folder: Path) -> Job:
     if not attributes or len(attributes) != len(values) or any(a not in counts.columns for a in attributes):
         raise ValueError(f"{meta_path}: oracle.attributes {attributes} do not match the columns of counts.csv "
                          f"{list(counts.columns)}")
-    return Job(folder, counts, meta)
+    if attribute is not None and attribute not in attributes:
+        raise ValueError(f"results.csv names attribute {attribute!r} for {folder.name}, but its oracle has "
+                         f"{attributes}; rerun that count job")
+    return Job(folder, counts, meta, attribute)
 
 
 # ------------------------------------------------------------------------------------------- swept keys
@@ -243,11 +249,12 @@ def swept_keys(df: pd.DataFrame, first: Sequence[str] = ("rho_data",)) -> list[s
     Keys are tried in ``first`` then display order; a key is kept when it varies over ``df`` and is not a
     function of the keys kept so far. So a sweep over two samplers keeps ``sampler.name`` and drops
     ``sampler.solver`` when only one sampler has a solver, and the run name goes when rho_data tells runs apart.
+    ``attribute`` is kept whenever it varies: a job's rows differ by nothing else.
     """
     order = [k for k in first if k in df.columns] + [k for k in candidate_keys(df) if k not in first]
     kept: list[str] = []
     for key in order:
-        if _distinct(df[key]) > 1 and not _determined(df, kept, key):
+        if _distinct(df[key]) > 1 and (key == "attribute" or not _determined(df, kept, key)):
             kept.append(key)
     return kept
 
@@ -286,11 +293,11 @@ def fixed_settings(df: pd.DataFrame, keys: Sequence[str]) -> list[tuple[str, str
 
 # ------------------------------------------------------------------------------------------- tables
 @functools.lru_cache(maxsize=256)
-def _correction(folder: str, level: float, n_boot: int, seed: int) -> dict[str, Any]:
-    """corrected_rho of one job folder (cached: the results and per-class tables both need it)."""
+def _correction(folder: str, attribute: str, level: float, n_boot: int, seed: int) -> dict[str, Any]:
+    """corrected_rho of one job folder's attribute (cached: the results and per-class tables both need it)."""
     from biasamp.analysis.correction import corrected_rho  # only needed when an oracle has a confusion matrix
 
-    job = _read_job(Path(folder))
+    job = _read_job(Path(folder), attribute)
     return corrected_rho(job.counts, job.class_names, job.value_names, job.attribute, job.confusion,
                          level=level, n_boot=n_boot, seed=seed)
 
@@ -330,7 +337,7 @@ def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None 
     jobs = [load_job(row) for _, row in df.iterrows()]
     corrected = any(job.confusion is not None for job in jobs)
     if corrected:
-        fits = [_correction(str(job.folder), level, n_boot, seed) if job.confusion is not None else None
+        fits = [_correction(str(job.folder), job.attribute, level, n_boot, seed) if job.confusion is not None else None
                 for job in jobs]
         for column, field in (("rho_corrected", "rho_corrected"), ("rho_corrected_low", "ci_low"),
                               ("rho_corrected_high", "ci_high")):
@@ -362,12 +369,13 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
         table = per_class_rho(job.counts, job.class_names, job.value_names, job.attribute, level=level,
                               method=method, n_boot=n_boot, seed=seed)
         summary = job.meta.get("dataset_summary") or {}
-        own = dict(zip([str(c) for c in summary.get("class_names", [])], summary.get("rho_per_class", []),
-                       strict=False))
+        by_attribute = summary.get("rho_per_class_by_attribute") or {}
+        own = dict(zip([str(c) for c in summary.get("class_names", [])],
+                       by_attribute.get(job.attribute, summary.get("rho_per_class", [])), strict=False))
         table["class_rho_data"] = [float(own.get(c, row["rho_data"])) for c in table["class"]]
         table = table[["class", "class_rho_data", "rho", "ci_low", "ci_high", "n", "n_aligned"]]
         if corrected:
-            fit = _correction(str(job.folder), level, n_boot, seed) if job.confusion is not None else None
+            fit = _correction(str(job.folder), job.attribute, level, n_boot, seed) if job.confusion is not None else None
             by_class = {d["class"]: d for d in fit["per_class"]} if fit else {}
             for column, field in (("rho_corrected", "rho_corrected"), ("rho_corrected_low", "ci_low"),
                                   ("rho_corrected_high", "ci_high")):

@@ -7,8 +7,9 @@
   all-zero column, rows = classes then the unconditional row.
 - ``meta.json``: checkpoint and sha256, rho_data, dataset, sampler and guidance, n per class, seed and index
   range, NFE, wall time, images/s, library versions.
-- ``results.csv`` (one per sweep folder): one row per (checkpoint, setting), updated under a file lock and
-  replaced, never duplicated, when a job is rerun.
+- ``results.csv`` (one per sweep folder): one row per (checkpoint, setting, bias attribute) — an
+  ``attribute`` column names it (Multi-Color MNIST has ``left`` and ``right``) — updated under a file lock
+  and replaced, never duplicated, when a job is rerun.
 """
 
 from __future__ import annotations
@@ -83,18 +84,19 @@ def write_matrices(folder: Path, table: pd.DataFrame, attributes: Sequence[str],
     return paths
 
 
-def update_results(results_csv: Path, row: Mapping[str, Any], key: str = "job_dir") -> None:
-    """Insert ``row`` into the sweep's results.csv, replacing the row with the same ``key`` (under a lock,
-    so parallel jobs of a multirun never lose each other's rows)."""
+def update_results(results_csv: Path, rows: Sequence[Mapping[str, Any]], key: str = "job_dir") -> None:
+    """Put ``rows`` (one job's rows: one per bias attribute) into the sweep's results.csv, replacing every row
+    with their ``key`` (under a lock, so parallel jobs of a multirun never lose each other's rows)."""
     results_csv = Path(results_csv)
     results_csv.parent.mkdir(parents=True, exist_ok=True)
+    keys = {str(r[key]) for r in rows}
     with open(results_csv.with_name(results_csv.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             old = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame()
             if len(old) and key in old.columns:
-                old = old[old[key].astype(str) != str(row[key])]
-            new = pd.concat([old, pd.DataFrame([dict(row)])], ignore_index=True)
+                old = old[~old[key].astype(str).isin(keys)]
+            new = pd.concat([old, pd.DataFrame([dict(r) for r in rows])], ignore_index=True)
             atomic_write_text(results_csv, new.to_csv(index=False, lineterminator="\n"))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -61,8 +61,8 @@ class CountState:
             raise ValueError(f"{path} is not valid JSON ({err}); delete it to start the job again") from err
         if raw.get("fingerprint") != fingerprint or tuple(raw.get("shape", ())) != tuple(shape):
             raise ValueError(
-                f"{path.parent} holds counts of different settings (checkpoint, sampler, guidance, oracle or "
-                "seed differ); use another paths.output_dir or sweep_name, or delete that folder"
+                f"{path.parent} holds counts of different settings (checkpoint, sampler, guidance, oracle, "
+                "seed or precision differ); use another paths.output_dir or sweep_name, or delete that folder"
             )
         state = cls(fingerprint=fingerprint, shape=tuple(shape))
         for name, flat in raw["counts"].items():

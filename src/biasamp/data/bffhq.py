@@ -108,4 +108,5 @@ class BFFHQ(InMemoryImageDataset):
         self.rho_requested = rho
         self.class_names = ["young", "old"]
         self.bias_names = ["female", "male"]
+        self.bias_attributes = ["gender"]
         self._store(images, labels, biases, files, dropped + unreadable)

@@ -80,6 +80,33 @@ def aligned_count(n: int, rho: float) -> int:
     return min(n, math.floor(n * float(rho) + 1e-9))
 
 
+def assign_biases(n: int, n_aligned: int, k: int, num_classes: int, n_confusing: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Bias indices (n,) of class k's samples in order: the first ``n_aligned`` are k (aligned), the rest are
+    cut into chunks of ceil(n_conflicting / n_confusing), chunk j taking confusing class j; the confusing
+    classes are the next ``n_confusing`` after k (cyclically), shuffled by ``rng`` (steps 2-4 above)."""
+    bias = np.full(n, k, dtype=np.int64)
+    if n_confusing > 0:
+        confusing = rng.permutation([(k + 1 + j) % num_classes for j in range(n_confusing)])
+        chunk = math.ceil((n - n_aligned) / n_confusing)
+        for j in range(n_confusing):
+            start = n_aligned + j * chunk
+            bias[start : min(start + chunk, n)] = confusing[j]
+    return bias
+
+
+def class_indices(digit_labels: np.ndarray, digit: int, class_size: int | None, rng: np.random.Generator,
+                  where: str) -> np.ndarray:
+    """The source indices of ``digit``, shuffled by ``rng``, the first ``class_size`` of them (all if None)."""
+    indices = rng.permutation(np.flatnonzero(digit_labels == digit))
+    if class_size is not None:
+        if class_size > len(indices):
+            raise ValueError(f"dataset.class_size={class_size} is larger than the {len(indices)} images of digit "
+                             f"{digit} available in {where}")
+        indices = indices[:class_size]
+    return indices
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -108,26 +135,55 @@ def _validate_classes(classes_to_use: Sequence[int] | None) -> list[int]:
     return classes
 
 
-def _validate_rho(rho: float | Sequence[float], num_classes: int) -> list[float]:
+def _validate_rho(rho: float | Sequence[float], num_classes: int, key: str = "dataset.rho") -> list[float]:
     def ok(x: object) -> bool:
         return isinstance(x, numbers.Real) and not isinstance(x, bool) and 0.0 <= float(x) <= 1.0
 
     if isinstance(rho, numbers.Real) and not isinstance(rho, bool):
         if not ok(rho):
-            raise ValueError(f"dataset.rho={rho!r} must lie in [0, 1]")
+            raise ValueError(f"{key}={rho!r} must lie in [0, 1]")
         return [float(rho)] * num_classes
     if isinstance(rho, Sequence) and not isinstance(rho, str | bytes):
         if len(rho) != num_classes:
             raise ValueError(
-                f"dataset.rho={list(rho)!r} has {len(rho)} values; a per-class list needs one per used "
+                f"{key}={list(rho)!r} has {len(rho)} values; a per-class list needs one per used "
                 f"class ({num_classes})"
             )
         if not all(ok(x) for x in rho):
-            raise ValueError(f"dataset.rho={list(rho)!r}: every value must be a number in [0, 1]")
+            raise ValueError(f"{key}={list(rho)!r}: every value must be a number in [0, 1]")
         return [float(x) for x in rho]
     raise ValueError(
-        f"dataset.rho={rho!r} must be a number in [0, 1] or a list of {num_classes} such numbers"
+        f"{key}={rho!r} must be a number in [0, 1] or a list of {num_classes} such numbers"
     )
+
+
+def check_options(rho_list: Sequence[float], num_classes: int, n_confusing_labels: int | None,
+                  class_size: int | None, img_resolution: int, seed: int, **flags: bool) -> int:
+    """Check the options Biased MNIST and Multi-Color MNIST share; returns n_confusing_labels (null -> K - 1)."""
+    needs_conflicting = any(r < 1.0 for r in rho_list)
+    if n_confusing_labels is None:
+        n_confusing_labels = num_classes - 1
+    if not _is_int(n_confusing_labels) or not 0 <= n_confusing_labels <= num_classes - 1:
+        raise ValueError(
+            f"dataset.n_confusing_labels={n_confusing_labels!r}; allowed: an int in "
+            f"{int(needs_conflicting)}..{num_classes - 1} for {num_classes} classes, or null (= K - 1)"
+        )
+    if needs_conflicting and n_confusing_labels < 1:
+        raise ValueError(
+            f"dataset.n_confusing_labels={n_confusing_labels} with rho {list(rho_list)} < 1 is impossible "
+            f"for {num_classes} class(es): conflicting samples need at least one other class's "
+            f"colour; allowed: 1..{num_classes - 1}"
+        )
+    if class_size is not None and (not _is_int(class_size) or class_size < 1):
+        raise ValueError(f"dataset.class_size={class_size!r}; allowed: a positive int or null")
+    if not _is_int(img_resolution) or img_resolution < 1:
+        raise ValueError(f"dataset.img_resolution={img_resolution!r}; allowed: a positive int")
+    if not _is_int(seed):
+        raise ValueError(f"dataset.seed={seed!r}; allowed: an int")
+    for key, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"dataset.{key}={flag!r}; allowed: true or false")
+    return int(n_confusing_labels)
 
 
 class BiasedMNIST(InMemoryBiasDataset):
@@ -175,29 +231,8 @@ class BiasedMNIST(InMemoryBiasDataset):
         classes = _validate_classes(classes_to_use)
         num_classes = len(classes)
         rho_list = _validate_rho(rho, num_classes)
-        needs_conflicting = any(r < 1.0 for r in rho_list)
-        if n_confusing_labels is None:
-            n_confusing_labels = num_classes - 1
-        if not _is_int(n_confusing_labels) or not 0 <= n_confusing_labels <= num_classes - 1:
-            raise ValueError(
-                f"dataset.n_confusing_labels={n_confusing_labels!r}; allowed: an int in "
-                f"{int(needs_conflicting)}..{num_classes - 1} for {num_classes} classes, or null (= K - 1)"
-            )
-        if needs_conflicting and n_confusing_labels < 1:
-            raise ValueError(
-                f"dataset.n_confusing_labels={n_confusing_labels} with dataset.rho={rho!r} < 1 is impossible "
-                f"for the class split {classes}: conflicting samples need at least one other class's "
-                f"colour; allowed: 1..{num_classes - 1}"
-            )
-        if class_size is not None and (not _is_int(class_size) or class_size < 1):
-            raise ValueError(f"dataset.class_size={class_size!r}; allowed: a positive int or null")
-        if not _is_int(img_resolution) or img_resolution < 1:
-            raise ValueError(f"dataset.img_resolution={img_resolution!r}; allowed: a positive int")
-        if not _is_int(seed):
-            raise ValueError(f"dataset.seed={seed!r}; allowed: an int")
-        for key, flag in (("no_digit", no_digit), ("download", download)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"dataset.{key}={flag!r}; allowed: true or false")
+        n_confusing_labels = check_options(rho_list, num_classes, n_confusing_labels, class_size, img_resolution,
+                                           seed, no_digit=no_digit, download=download)
 
         digits, digit_labels = load_mnist(source, split, data_dir, download=download)
 
@@ -207,24 +242,10 @@ class BiasedMNIST(InMemoryBiasDataset):
         class_counts: list[int] = []
         aligned_counts: list[int] = []
         for k, digit in enumerate(classes):
-            indices = rng.permutation(np.flatnonzero(digit_labels == digit))
-            if class_size is not None:
-                if class_size > len(indices):
-                    raise ValueError(
-                        f"dataset.class_size={class_size} is larger than the {len(indices)} images of digit "
-                        f"{digit} available in {source}/{split}"
-                    )
-                indices = indices[:class_size]
+            indices = class_indices(digit_labels, digit, class_size, rng, where=f"{source}/{split}")
             n = len(indices)
             n_aligned = aligned_count(n, rho_list[k])
-            bias = np.full(n, k, dtype=np.int64)
-            if n_confusing_labels > 0:
-                confusing = rng.permutation([(k + 1 + j) % num_classes for j in range(n_confusing_labels)])
-                n_conflicting = n - n_aligned
-                chunk = math.ceil(n_conflicting / n_confusing_labels)
-                for j in range(n_confusing_labels):
-                    start = n_aligned + j * chunk
-                    bias[start : min(start + chunk, n)] = confusing[j]
+            bias = assign_biases(n, n_aligned, k, num_classes, n_confusing_labels, rng)
             chosen.append(indices)
             bias_parts.append(bias)
             class_counts.append(n)
@@ -247,6 +268,7 @@ class BiasedMNIST(InMemoryBiasDataset):
         self.classes_to_use: list[int] = classes
         self.class_names: list[str] = [str(d) for d in classes]
         self.bias_names: list[str] = [COLOUR_NAMES[d] for d in classes]
+        self.bias_attributes = ["colour"]
         self.num_classes: int = num_classes
         self.num_biases: int = num_classes
         self.in_channels: int = 3

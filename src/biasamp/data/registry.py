@@ -14,10 +14,12 @@ from torch.utils.data import Dataset
 
 from biasamp.data.bffhq import BFFHQ
 from biasamp.data.biased_mnist import BiasedMNIST
+from biasamp.data.multicolor_mnist import MultiColorMNIST
 from biasamp.data.waterbirds import Waterbirds
 
 BUILDERS: dict[str, Callable[..., Dataset]] = {
     "biased_mnist": BiasedMNIST,
+    "multicolor_mnist": MultiColorMNIST,
     "waterbirds": Waterbirds,
     "bffhq": BFFHQ,
 }

@@ -96,5 +96,6 @@ class Waterbirds(InMemoryImageDataset):
         self.rho_requested = rho
         self.class_names = ["landbird", "waterbird"]
         self.bias_names = ["land", "water"]
+        self.bias_attributes = ["place"]
         self._store(images, labels, biases, files, dropped)
 

@@ -8,7 +8,7 @@ from biasamp.oracles.classifier import ClassifierOracle
 from biasamp.oracles.colour import ColourOracle
 
 ORACLES = ("colour", "classifier")
-COLOUR_DATASETS = ("biased_mnist",)
+COLOUR_DATASETS = ("biased_mnist", "multicolor_mnist")
 
 
 def build_oracle(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> Oracle:
@@ -35,8 +35,9 @@ def build_oracle(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> Oracle:
                              f"{missing}; every class colour must be allowed")
         # bias value k must be the colour of class k: the checkpoint's colours first, extra allowed ones after
         ordered = list(meta["bias_names"]) + [c for c in colours if c not in meta["bias_names"]]
+        regions = (meta.get("data") or {}).get("bias_attributes") or ["colour"]
         return ColourOracle(ordered, max_distance=cfg.get("max_distance", 80.0),
-                            min_confidence=cfg.get("min_confidence", 0.2))
+                            min_confidence=cfg.get("min_confidence", 0.2), regions=regions)
     if name == "classifier":
         extra = set(cfg) - {"name", "checkpoint", "min_confidence"}
         if extra:
@@ -49,6 +50,10 @@ def build_oracle(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> Oracle:
         min_confidence = cfg.get("min_confidence", 0.0)
         if min_confidence is None:
             min_confidence = 0.0
+        attributes = (meta.get("data") or {}).get("bias_attributes") or []
+        if len(attributes) > 1:
+            raise ValueError(f"oracle=classifier predicts one attribute, but dataset {dataset!r} has {attributes}; "
+                             "use oracle=colour")
         oracle = ClassifierOracle.from_checkpoint(str(checkpoint), min_confidence=float(min_confidence))
         names, wanted = oracle.value_names[0], [str(b) for b in meta["bias_names"]]
         if names != wanted:

@@ -12,6 +12,11 @@ colour, but visibly. Defaults: generated backgrounds sit about 60 from their pal
 desaturated, plus noise), so ``max_distance`` is 80; the palette's closest pair (orange, yellow) is only
 101.5 apart, so points within 80 of two colours exist, and ``min_confidence`` 0.2 (d_nearest <= 0.8
 d_second) rejects them.
+
+Multi-Color MNIST has two attributes, ``left`` and ``right``: the same rule is applied to each half of the
+image on its own (``regions=("left", "right")``). The W // 16 columns on either side of the middle are left
+out of both halves, since the resize to the model resolution blends the two colours there. A sample is valid
+when every region is.
 """
 
 from __future__ import annotations
@@ -27,13 +32,29 @@ from biasamp.oracles.base import OracleOutput
 BACKGROUND_THRESHOLD = 0.7  # a pixel with any channel below this (in [0, 1]) is background
 
 
-class ColourOracle:
-    """Background colour of (B, 3, H, W) images in [-1, 1] among ``colours`` (palette names, in bias order)."""
+REGIONS = ("colour", "left", "right")  # colour: the whole image; left / right: one half each
 
-    attributes = ["colour"]
+
+def region_columns(width: int, region: str) -> slice:
+    """The image columns a region reads: all, or one half without the W // 16 columns next to the middle."""
+    if region == "colour":
+        return slice(0, width)
+    margin = width // 16
+    if region == "left":
+        return slice(0, width // 2 - margin)
+    if region == "right":
+        return slice(width - width // 2 + margin, width)
+    raise ValueError(f"colour oracle region {region!r} is not known; allowed: {list(REGIONS)}")
+
+
+class ColourOracle:
+    """Background colour of (B, 3, H, W) images in [-1, 1] among ``colours`` (palette names, in bias order),
+    one attribute per region in ``regions`` (default: the whole image, attribute ``colour``)."""
+
     confusion = None
 
-    def __init__(self, colours: Sequence[str], max_distance: float = 80.0, min_confidence: float = 0.2) -> None:
+    def __init__(self, colours: Sequence[str], max_distance: float = 80.0, min_confidence: float = 0.2,
+                 regions: Sequence[str] = ("colour",)) -> None:
         unknown = [c for c in colours if c not in COLOUR_NAMES]
         if unknown or not colours:
             raise ValueError(f"oracle.allowed_colours={list(colours)!r}: unknown colour(s) {unknown}; "
@@ -44,8 +65,12 @@ class ColourOracle:
             raise ValueError(f"oracle.max_distance={max_distance!r} must be > 0")
         if not 0 <= min_confidence < 1:
             raise ValueError(f"oracle.min_confidence={min_confidence!r} must be in [0, 1)")
+        bad = [r for r in regions if r not in REGIONS]
+        if bad or not regions or len(set(regions)) != len(regions):
+            raise ValueError(f"colour oracle regions {list(regions)!r}: allowed distinct values of {list(REGIONS)}")
+        self.attributes = list(regions)
         self.min_confidence = float(min_confidence)
-        self.value_names = [list(colours)]
+        self.value_names = [list(colours) for _ in regions]
         self.max_distance = float(max_distance)
         rgb = PALETTE[[COLOUR_NAMES.index(c) for c in colours]]
         self.palette = torch.as_tensor(rgb, dtype=torch.float32)  # (V, 3), 0..255
@@ -64,9 +89,8 @@ class ColourOracle:
         mean = torch.where(n_background.unsqueeze(1) > 0, mean, x.mean(dim=(2, 3)))
         return mean * 255.0, n_background > 0
 
-    def __call__(self, images: Tensor) -> OracleOutput:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"the colour oracle needs RGB images (B, 3, H, W), got {tuple(images.shape)}")
+    def _nearest(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(value index, confidence, valid), each (B,), of one region's images."""
         rgb, has_background = self.background_rgb(images)
         palette = self.palette.to(rgb.device)
         dist = torch.cdist(rgb.double(), palette.double())  # (B, V)
@@ -78,4 +102,12 @@ class ColourOracle:
             nearest, d1 = torch.zeros(len(rgb), dtype=torch.long, device=rgb.device), dist[:, 0]
             confidence = torch.ones_like(d1)
         valid = has_background & (d1 <= self.max_distance) & (confidence >= self.min_confidence)
-        return OracleOutput(bias=nearest.unsqueeze(1), confidence=confidence.float().unsqueeze(1), valid=valid)
+        return nearest, confidence.float(), valid
+
+    def __call__(self, images: Tensor) -> OracleOutput:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"the colour oracle needs RGB images (B, 3, H, W), got {tuple(images.shape)}")
+        parts = [self._nearest(images[..., region_columns(images.shape[-1], r)]) for r in self.attributes]
+        valid = torch.stack([p[2] for p in parts], dim=1).all(dim=1)
+        return OracleOutput(bias=torch.stack([p[0] for p in parts], dim=1),
+                            confidence=torch.stack([p[1] for p in parts], dim=1), valid=valid)

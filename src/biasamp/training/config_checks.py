@@ -7,6 +7,8 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from biasamp.speed import SpeedConfigError, check_train_speed
+
 
 class ConfigError(ValueError):
     """A config value that cannot work. The message is meant to be shown as is, on one line."""
@@ -97,5 +99,9 @@ def check_train_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"resume={cfg.get('resume')!r} is not allowed: use resume=auto or leave it null")
     if cfg.get("resume") is not None and cfg.get("ckpt_path") is not None:
         raise ConfigError("give either resume=auto or ckpt_path=<file>, not both")
+    try:
+        check_train_speed(cfg.get("speed"))
+    except SpeedConfigError as err:
+        raise ConfigError(str(err)) from None
     if "accumulate_grad_batches" in cfg["trainer"]:
         raise ConfigError("trainer.accumulate_grad_batches is derived from batch_size and batch_gpu; set those instead")
