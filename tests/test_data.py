@@ -253,14 +253,19 @@ def test_summary_is_plain_python():
     s = ds.summary()
     assert set(s) == {
         "name", "split", "source", "n", "num_classes", "class_names", "bias_names", "rho_requested",
-        "rho_effective", "rho_per_class", "n_aligned", "n_conflicting", "class_counts", "seed",
+        "bias_attributes", "rho_by_attribute", "rho_per_class_by_attribute", "rho_effective", "rho_per_class",
+        "n_aligned", "n_conflicting", "class_counts", "seed",
     }  # fmt: skip
     assert s["n"] == 100 and s["n_aligned"] == 90 and s["rho_effective"] == pytest.approx(0.9)
     assert s["seed"] == 3 and s["source"] == "embedded" and s["split"] == "train"
 
+    assert s["bias_attributes"] == ["colour"] and s["rho_by_attribute"] == {"colour": pytest.approx(0.9)}
+
     def plain(x):
         if isinstance(x, list):
             return all(plain(v) for v in x)
+        if isinstance(x, dict):
+            return all(type(k) is str and plain(v) for k, v in x.items())
         return type(x) in (int, float, str, bool)
 
     assert all(plain(v) for v in s.values())
@@ -483,7 +488,7 @@ def test_build_dataset_accepts_dictconfig(tmp_path):
 
 
 def test_build_dataset_unknown_name_and_key(tmp_path):
-    with pytest.raises(ValueError, match=r"dataset='cifar10'.*biased_mnist, waterbirds, bffhq"):
+    with pytest.raises(ValueError, match=r"dataset='cifar10'.*biased_mnist, multicolor_mnist, waterbirds, bffhq"):
         build_dataset({"name": "cifar10", "rho": 0.9})
     cfg = compose_dataset("biased_mnist", tmp_path)
     cfg["colour_jitter"] = 0.1

@@ -113,7 +113,7 @@ def test_results_rows_of_a_rerun_job_are_replaced_not_duplicated(tmp_path):
     update_results(path, [{"job_dir": "a", "attribute": "left", "n": 2}, {"job_dir": "a", "attribute": "right",
                                                                            "n": 2}])
     df = pd.read_csv(path)
-    assert sorted(zip(df["job_dir"], df["attribute"], df["n"])) == [("a", "left", 2), ("a", "right", 2),
+    assert sorted(zip(df["job_dir"], df["attribute"], df["n"], strict=True)) == [("a", "left", 2), ("a", "right", 2),
                                                                     ("b", "left", 5)]
 
 

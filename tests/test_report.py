@@ -76,7 +76,8 @@ def write_sweep(root: Path, rho: float, confusion: dict | None = None) -> Path:
         ci = binomtest(k, n).proportion_ci(0.95, method="exact")
         update_results(sweep / "results.csv", [{
             "job_dir": job.name, "run": _run_name(rho), "checkpoint": f"/ckpts/{_run_name(rho)}.ckpt",
-            "dataset": "biased_mnist", "attribute": "colour", "rho_data": rho, **{f"sampler.{k_}": v for k_, v in sampler.items()},
+            "dataset": "biased_mnist", "attribute": "colour", "rho_data": rho,
+            **{f"sampler.{k_}": v for k_, v in sampler.items()},
             "guidance": float(w), "guidance_uncond": "null", "guidance_interval": "", "oracle": "colour", "seed": 0,
             "n_per_class": N_PER_CLASS, "n": n, "n_aligned": k, "rho_model": k / n, "ci_low": ci.low,
             "ci_high": ci.high, "ci_method": "clopper_pearson", "ci_level": 0.95, "delta": k / n - rho,

@@ -314,9 +314,10 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
     class_names = [str(c) for c in plan.meta["class_names"]]
     level = float(cfg.ci_level)
     rho_data = {a: data_rho(plan.meta, a, len(attributes)) for a in attributes}
-    est = {a: rho_model_from_counts(table, class_names, v, a, level=level) for a, v in zip(attributes, values)}
+    est = {a: rho_model_from_counts(table, class_names, v, a, level=level)
+           for a, v in zip(attributes, values, strict=True)}
     est_valid = {a: rho_model_from_counts(table, class_names, v, a, level=level, valid_only=True)
-                 for a, v in zip(attributes, values)}
+                 for a, v in zip(attributes, values, strict=True)}
     n_invalid = int(table.loc[~table["valid"].astype(bool) & (table["class"] != UNCOND), "count"].sum())
     nfe = stats.nfe_per_image
     if not math.isfinite(nfe):  # nothing sampled in this session (only files were missing): keep the old figure

@@ -35,8 +35,8 @@ from biasamp.io import atomic_write_text
 
 REQUIRED_COLUMNS = ("job_dir", "run", "rho_data", "sampler.name", "guidance", "n", "n_aligned")
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
-KEY_ORDER = ("rho_data", "run", "checkpoint", "dataset", "attribute", "sampler.name", "sampler.solver", "sampler.num_steps",
-             "sampler.s_churn", "sampler.order", "sampler.eta")
+KEY_ORDER = ("rho_data", "run", "checkpoint", "dataset", "attribute", "sampler.name", "sampler.solver",
+             "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
 KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "seed", "n_per_class", "sweep")
 # never shown in a caption: long paths that the run name already stands for
 NOT_NOTED = ("checkpoint", "sweep")
@@ -375,7 +375,7 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
         table["class_rho_data"] = [float(own.get(c, row["rho_data"])) for c in table["class"]]
         table = table[["class", "class_rho_data", "rho", "ci_low", "ci_high", "n", "n_aligned"]]
         if corrected:
-            fit = _correction(str(job.folder), job.attribute, level, n_boot, seed) if job.confusion is not None else None
+            fit = None if job.confusion is None else _correction(str(job.folder), job.attribute, level, n_boot, seed)
             by_class = {d["class"]: d for d in fit["per_class"]} if fit else {}
             for column, field in (("rho_corrected", "rho_corrected"), ("rho_corrected_low", "ci_low"),
                                   ("rho_corrected_high", "ci_high")):

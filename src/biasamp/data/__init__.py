@@ -1,8 +1,8 @@
 """Datasets with a controlled share of bias-aligned samples, and the MNIST sources they draw from."""
 
 from biasamp.data.biased_mnist import BiasedMNIST, colourise, resize_uint8
-from biasamp.data.multicolor_mnist import MultiColorMNIST
 from biasamp.data.mnist import IDXFormatError, load_mnist, read_idx
+from biasamp.data.multicolor_mnist import MultiColorMNIST
 from biasamp.data.palette import COLOUR_NAMES, PALETTE
 from biasamp.data.registry import BUILDERS, build_dataset
 

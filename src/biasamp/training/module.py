@@ -137,9 +137,8 @@ class DiffusionModule(L.LightningModule):
 
     def _batch_loss(self, denoiser: Callable[..., Tensor], batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         images, labels, _ = batch
-        x = to_model_range(images)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_model_range(images)  # kept NCHW, so the noise drawn like it is the same with channels_last:
+        # the first convolution's channels_last weight makes its output, and all that follows, NHWC
         y = one_hot(labels, self.label_dim) if self.label_dim > 0 else None
         return self.loss_fn(denoiser, x, y)
 

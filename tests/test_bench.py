@@ -1,0 +1,51 @@
+"""The speed benchmark: the CPU preset runs in seconds and writes the pinned JSON; the benchmark networks are the
+issue's (8.8 M and 61.8 M parameters, 19.2 and 251 GFLOP per training image)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from biasamp import bench
+from biasamp.models import build_denoiser
+
+
+def test_cpu_tiny_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = bench.main(["--preset", "cpu-tiny", "--workloads", "train_bmnist,sample_bmnist", "--out", str(out),
+                         "--steps", "2", "--warmup", "1", "--peak-tflops", "100"])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    for key in ("device", "device_type", "torch", "date", "config", "peak_tflops", "fast_path", "plain_path",
+                "workloads"):
+        assert key in saved, key
+    assert saved["device_type"] == "cpu" and saved["peak_tflops"] == 100
+    assert [w["workload"] for w in saved["workloads"]] == ["train_bmnist", "sample_bmnist"]
+    for w in saved["workloads"]:
+        assert w["model"] == "tiny" and w["flops_per_image"] > 0 and w["fast_over_plain"] > 0
+        for path in ("plain", "fast"):
+            fig = w[path]
+            assert fig["img_per_s"] > 0 and fig["tflops"] > 0 and fig["warmup_s"] >= 0
+            assert fig["fraction_of_peak"] == pytest.approx(fig["tflops"] / 100)
+    sample = saved["workloads"][1]
+    assert sample["nfe_per_image"] == 3 and sample["rows_per_image"] == 6  # 2 Heun steps, guided
+    assert saved["fast_path"]["compile"] is False  # auto: off on the CPU
+    printed = capsys.readouterr().out
+    assert "| train_bmnist | tiny |" in printed and "fast/plain" in printed
+
+
+def test_bad_workload_is_refused():
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--workloads", "train_bmnist,nonsense"])
+    assert err.value.code == 2
+
+
+def test_bench_networks_are_the_issues():
+    expected = {"train_bmnist": 8_797_379, "train_64": 61_804_803, "train_32": 55_734_147}
+    for name, params in expected.items():
+        w = bench.WORKLOADS[name]
+        net = build_denoiser(bench.model_config(w.model), w.img_resolution, 3, w.label_dim)
+        assert sum(p.numel() for p in net.parameters()) == params, name
+    w = bench.WORKLOADS["train_bmnist"]
+    assert bench.train_flops_per_image(bench.model_config(w.model), w) / 1e9 == pytest.approx(19.2, abs=0.05)

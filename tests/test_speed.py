@@ -1,0 +1,291 @@
+"""The speed switches (bf16 autocast, channels_last, torch.compile, fused Adam): resolution by device, clear
+errors, unchanged checkpoints, honest numerics (bf16 D within 1e-2 of fp32; bf16 and fp32 counts agree within
+their intervals) and precision as part of a count job's identity."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from biasamp.models import EDMLoss, build_denoiser, one_hot
+from biasamp.speed import (
+    FastDenoiser,
+    SpeedConfigError,
+    device_type,
+    fast_denoiser,
+    resolve_precision,
+    resolve_switch,
+    train_speed,
+)
+from biasamp.training import ConfigError, DiffusionModule, check_train_config
+from tests.conftest import compose_train
+from tests.test_count import compose_count
+
+TINY = {"name": "tiny", "net": {"model_channels": 8, "channel_mult": [1, 2, 2], "num_blocks": 1,
+                                "attn_resolutions": [], "dropout": 0.0, "label_dropout": 0.1}}
+SMALL = {"name": "small", "net": {"model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1,
+                                  "attn_resolutions": [16], "dropout": 0.0, "label_dropout": 0.0}}
+SIGMAS = [0.002, 0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0]
+
+
+def _randomised(model_cfg: dict, seed: int = 0) -> nn.Module:
+    """A denoiser whose every layer has a full-scale random init (the "zero" output layers of a fresh DDPM++
+    make F ~ 1e-5, which would make any precision look exact)."""
+    torch.manual_seed(seed)
+    denoiser = build_denoiser(model_cfg, img_resolution=32, in_channels=3, label_dim=2)
+    for m in denoiser.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.uniform_(m.bias, -0.1, 0.1)
+    return denoiser.eval().requires_grad_(False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ---------------------------------------------------------------------------------------------- switches
+def test_auto_switches_resolve_by_device():
+    for value, cpu, cuda in (("auto", False, True), (True, True, True), (False, False, False)):
+        assert resolve_switch("speed.compile", value, "cpu") is cpu
+        assert resolve_switch("speed.compile", value, "cuda") is cuda
+    assert resolve_precision("precision", "auto", "cpu") == "fp32"
+    assert resolve_precision("precision", "auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("precision", "bf16", "cpu") == "bf16"
+    assert device_type("gpu") == "cuda" and device_type("cpu") == "cpu"
+    assert device_type("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_train_config_switches_resolve_per_trainer():
+    cpu = compose_train(["trainer=cpu"])
+    assert train_speed(cpu.speed, device_type(cpu.trainer.accelerator)) == {
+        "compile": False, "compile_mode": "default", "channels_last": False, "fused_adam": False}
+    gpu = compose_train(["trainer=gpu"])
+    assert train_speed(gpu.speed, device_type(gpu.trainer.accelerator)) == {
+        "compile": True, "compile_mode": "default", "channels_last": True, "fused_adam": True}
+    off = compose_train(["trainer=gpu", "speed.compile=false", "speed.channels_last=false"])
+    assert not train_speed(off.speed, "cuda")["compile"] and not train_speed(off.speed, "cuda")["channels_last"]
+    assert cpu.trainer.precision == "32-true" and gpu.trainer.precision == "bf16-mixed"
+    ddp = compose_train(["trainer=ddp"])
+    assert ddp.trainer.precision == "bf16-mixed"
+    strategy = instantiate(ddp.trainer.strategy)
+    assert strategy._ddp_kwargs["static_graph"] is True and strategy._ddp_kwargs["bucket_cap_mb"] == 25
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("speed.compile=maybe", "speed.compile='maybe' is not allowed"),
+    ("speed.channels_last=1", "speed.channels_last=1 is not allowed"),
+    ("speed.fused_adam=yes", "speed.fused_adam='yes' is not allowed"),
+    ("speed.compile_mode=fastest", "speed.compile_mode='fastest' is not allowed"),
+    ("+speed.cuda_graphs=true", "speed.cuda_graphs is not a known key"),
+])
+def test_bad_train_speed_values_are_named(override, needle):
+    with pytest.raises(ConfigError) as err:
+        check_train_config(compose_train([override]))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("precision=fp16", "precision='fp16' is not allowed: use fp32, bf16 or auto"),
+    ("compile=sometimes", "compile='sometimes' is not allowed"),
+    ("channels_last=2", "channels_last=2 is not allowed"),
+    ("compile_mode=turbo", "compile_mode='turbo' is not allowed"),
+])
+def test_bad_count_speed_values_are_named_before_loading(override, needle):
+    from biasamp.count import check_and_plan
+
+    cfg = compose_count(["checkpoint=/nonexistent.ckpt", override])  # checked before the checkpoint is read
+    with pytest.raises(ValueError) as err:
+        check_and_plan(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fast_denoiser_needs_a_resolved_precision():
+    with pytest.raises(SpeedConfigError, match="resolved precision"):
+        FastDenoiser(build_denoiser(TINY, 32, 3, 2), precision="auto")
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _module(**speed) -> DiffusionModule:
+    torch.manual_seed(0)
+    return DiffusionModule(
+        denoiser=build_denoiser(TINY, 32, 3, 2), loss=EDMLoss(),
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-4), lr_schedule=lambda n, t: 1.0,
+        batch_total=4, total_img=400, ema_halflife_kimg=1.0, ema_rampup_ratio=None, seed=0, **speed)
+
+
+def test_speed_switches_keep_the_checkpoint_format():
+    plain = _module()
+    fast = _module(compile=True, channels_last=True, fused_adam=True)
+    assert fast.train_denoiser() is not fast.denoiser  # the compiled form (compiles lazily, on first call)
+    assert fast.train_denoiser() is fast.train_denoiser()
+    a, b = plain.state_dict(), fast.state_dict()
+    assert list(a) == list(b) and not any("_orig_mod" in k for k in b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    assert fast.denoiser.net.enc["32x32_conv"].weight.is_contiguous(memory_format=torch.channels_last)
+    # an EMA state dict of the fast module loads into a plain denoiser (what load_denoiser does)
+    ema = {k[len("ema.module."):]: v for k, v in b.items() if k.startswith("ema.module.")}
+    build_denoiser(TINY, 32, 3, 2).load_state_dict(ema, strict=True)
+    assert fast.configure_optimizers()["optimizer"].defaults["fused"] is True
+    assert not plain.configure_optimizers()["optimizer"].defaults.get("fused")
+
+
+def test_channels_last_training_step_matches_contiguous():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    batch = (images, torch.tensor([0, 1, 0, 1]), torch.zeros(4, dtype=torch.long))
+    losses = []
+    for channels_last in (False, True):
+        module = _module(channels_last=channels_last)
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append((float(loss.detach()), module.denoiser.net.out_conv.weight.grad.clone()))
+    assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
+    assert _rel(losses[1][1], losses[0][1]) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+def test_fp32_fast_denoiser_is_the_plain_denoiser():
+    denoiser = _randomised(TINY)
+    fast = fast_denoiser(denoiser, "cpu", precision="fp32", channels_last=False, compile=False)
+    assert fast.sigma_min == denoiser.sigma_min and fast.label_dim == 2
+    x, y = torch.randn(3, 3, 32, 32), one_hot(torch.tensor([0, 1, 1]), 2)
+    assert torch.equal(fast(x, torch.full((3,), 1.5), y), denoiser(x, torch.full((3,), 1.5), y))
+
+
+def test_bf16_denoiser_within_1e_2_of_fp32_across_sigma():
+    denoiser = _randomised(SMALL)  # 32 px, attention at 16 px
+    bf16 = FastDenoiser(denoiser, precision="bf16")
+    torch.manual_seed(1)
+    y0 = torch.randn(4, 3, 32, 32).clamp(-1, 1)
+    labels = one_hot(torch.tensor([0, 1, 0, 1]), 2)
+    worst_d = worst_f = 0.0
+    with torch.no_grad():
+        for sigma in SIGMAS:
+            x = y0 + sigma * torch.randn_like(y0)
+            s = torch.full((4,), sigma)
+            d32, d16 = denoiser(x, s, labels), bf16(x, s, labels)
+            assert d16.dtype == torch.float32 and torch.isfinite(d16).all()
+            worst_d = max(worst_d, _rel(d16, d32))
+            # the network's own part c_out F (D minus the exact fp32 skip term): the strict measure
+            skip = 0.25 / (sigma**2 + 0.25) * x
+            worst_f = max(worst_f, _rel(d16 - skip, d32 - skip))
+    assert worst_d < 1e-2, worst_d
+    assert worst_f < 3e-2, worst_f
+
+
+def test_channels_last_denoiser_matches():
+    denoiser = _randomised(SMALL)
+    fast = FastDenoiser(_randomised(SMALL), channels_last=True)
+    x, s = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 7.0])
+    with torch.no_grad():
+        assert _rel(fast(x, s, None), denoiser(x, s, None)) < 1e-5
+
+
+def _setup(net, meta, seed=5):
+    from biasamp.counting.job import CountSetup
+    from biasamp.oracles import build_oracle
+
+    return CountSetup(net=net, oracle=build_oracle({"name": "colour"}, meta),
+                      sampler={"name": "edm", "solver": "heun", "num_steps": 5, "sigma_min": None,
+                               "sigma_max": None, "rho": 7.0, "s_churn": 0.0, "s_min": 0.0,
+                               "s_max": float("inf"), "s_noise": 1.0, "n_skipped_steps": 0},
+                      guidance=1.0, guidance_uncond="null", guidance_interval=None, seed=seed, label_dim=2,
+                      image_shape=(3, 32, 32), device=torch.device("cpu"))
+
+
+def test_bf16_counts_agree_with_fp32_within_their_intervals(tiny_checkpoint):
+    from biasamp.analysis import proportion_interval
+    from biasamp.checkpoints import load_denoiser
+    from biasamp.counting.job import Row, run_rows
+    from biasamp.counting.state import CountState
+
+    net, meta = load_denoiser(tiny_checkpoint)
+    rows = [Row("0", 0), Row("1", 1)]
+    aligned = {}
+    for precision in ("fp32", "bf16"):
+        setup = _setup(fast_denoiser(net, "cpu", precision=precision), meta)
+        state = CountState(precision, setup.count_shape)
+        run_rows(setup, state, rows, n_per_class=48, batch_size=48)
+        # class 0's own colour is value 0 (red), class 1's is value 1 (green); counts over (colour, valid)
+        aligned[precision] = int(state.counts["0"][0].sum() + state.counts["1"][1].sum())
+    n = 96
+    for a, b in ((aligned["fp32"], aligned["bf16"]), (aligned["bf16"], aligned["fp32"])):
+        lo, hi = proportion_interval(a, n)
+        assert lo <= b / n <= hi, aligned
+
+
+# ---------------------------------------------------------------------------------------------- count identity
+def test_precision_is_part_of_the_count_job_identity(tiny_checkpoint, tmp_path):
+    from biasamp.count import check_and_plan, setting_name
+    from biasamp.counting.state import CountState
+
+    args = [f"checkpoint={tiny_checkpoint}", "fabric.accelerator=cpu"]
+    fp32, bf16, auto = (compose_count([*args, f"precision={p}"]) for p in ("fp32", "bf16", "auto"))
+    assert auto.job_name == fp32.job_name  # auto on the CPU is fp32
+    assert bf16.job_name != fp32.job_name and "-bf16-" in bf16.job_name
+    # fp32 jobs keep the folder names they had before precision was a setting
+    legacy = setting_name(fp32.sampler, fp32.guidance, fp32.guidance_uncond, fp32.guidance_interval, fp32.oracle,
+                          fp32.seed)
+    assert fp32.job_name.endswith(legacy)
+    plan32, plan16 = check_and_plan(fp32), check_and_plan(bf16)
+    assert (plan32.precision, plan16.precision) == ("fp32", "bf16")
+    assert plan32.fingerprint != plan16.fingerprint
+    state = CountState(plan32.fingerprint, (2, 2))
+    state.add("0", np.array([3, 1, 0, 0]), 4)
+    state.save(tmp_path)
+    with pytest.raises(ValueError, match="precision differ"):  # an fp32 job is never continued as bf16
+        CountState.load_or_new(tmp_path, plan16.fingerprint, (2, 2))
+    assert CountState.load_or_new(tmp_path, plan32.fingerprint, (2, 2)).done == {"0": 4}
+
+
+def test_count_app_writes_a_bf16_job_beside_the_fp32_one(tiny_checkpoint, tmp_path):
+    from tests.conftest import run_count
+
+    args = [f"checkpoint={tiny_checkpoint}", "n_per_class=4", "sampler.num_steps=3", "save_grid=false",
+            "fabric.accelerator=cpu"]
+    for precision in ("fp32", "bf16"):
+        proc = run_count([*args, f"precision={precision}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in (tmp_path / "runs" / "count").glob("*/*/state.json"))
+    assert len(jobs) == 2 and sum("-bf16-" in j for j in jobs) == 1
+
+
+# ---------------------------------------------------------------------------------------------- compile
+@pytest.mark.slow
+def test_compiled_denoiser_and_training_step_match_eager_on_cpu():
+    denoiser = _randomised(TINY)
+    compiled = FastDenoiser(_randomised(TINY), compile=True)
+    x, s, y = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 3.0]), one_hot(torch.tensor([0, 1]), 2)
+    with torch.no_grad():
+        assert _rel(compiled(x, s, y), denoiser(x, s, y)) < 1e-4
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    batch = (images, torch.tensor([0, 1, 0, 1]), torch.zeros(4, dtype=torch.long))
+    eager, comp = _module(), _module(compile=True)
+    assert float(comp.training_step(batch, 0)) == pytest.approx(float(eager.training_step(batch, 0)), rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_fast_path_on_cuda_matches_fp32():
+    denoiser = _randomised(SMALL).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    y = one_hot(torch.arange(8) % 2, 2).cuda()
+    bf16 = FastDenoiser(_randomised(SMALL).cuda(), precision="bf16", channels_last=True)
+    compiled = FastDenoiser(_randomised(SMALL).cuda(), precision="fp32", compile=True, compile_mode="reduce-overhead")
+    fast = fast_denoiser(_randomised(SMALL), "cuda")  # the count app's auto settings
+    with torch.inference_mode():
+        for sigma in SIGMAS:
+            s = torch.full((8,), sigma, device="cuda")
+            ref = denoiser(x * max(sigma, 1.0), s, y)
+            assert _rel(bf16(x * max(sigma, 1.0), s, y), ref) < 1e-2, sigma
+            assert _rel(fast(x * max(sigma, 1.0), s, y), ref) < 1e-2, sigma
+            assert _rel(compiled(x * max(sigma, 1.0), s, y), ref) < 1e-4, sigma
+    assert math.isfinite(float(ref.sum()))
