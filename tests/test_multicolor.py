@@ -151,3 +151,8 @@ def test_train_count_and_report_carry_both_attributes(tmp_path):
     per_class = pd.read_csv(sweep / "report" / "per_class.csv")
     right = per_class[per_class["attribute"] == "right"]
     assert right["class_rho_data"].tolist() == pytest.approx([0.8, 0.8])
+
+
+def test_missing_full_mnist_names_the_prepare_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python -m biasamp\.data\.prepare mnist --data-dir"):
+        MultiColorMNIST(rho_left=0.9, rho_right=0.9, source="torchvision", data_dir=tmp_path)

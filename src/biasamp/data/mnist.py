@@ -125,8 +125,8 @@ def _load_torchvision(split: str, data_dir: Path, download: bool) -> tuple[np.nd
         raise FileNotFoundError(
             f"MNIST {split} IDX files not found (dataset.source=torchvision, dataset.data_dir={data_dir}). "
             f"Expected, plain or gzipped:\n{expected}\n{how}"
-            "To get them: set dataset.download=true on a machine that is online, or copy the IDX files "
-            "(from any MNIST mirror) into that folder."
+            f"To get them: run `python -m biasamp.data.prepare mnist --data-dir {data_dir}` on a machine that is "
+            "online (or set dataset.download=true), or copy the IDX files (from any MNIST mirror) into that folder."
         )
     images_path, labels_path = found
     images = read_idx(images_path, IDX_MAGIC_IMAGES)

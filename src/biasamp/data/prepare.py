@@ -1,6 +1,6 @@
 """Fetch and unpack a dataset into the data folder: ``python -m biasamp.data.prepare <name> [--data-dir DIR]``.
 
-* mnist: the IDX files via torchvision into ``<data_dir>/MNIST/raw/``.
+* mnist (also named biased_mnist, multicolor_mnist): the IDX files via torchvision into ``<data_dir>/MNIST/raw/``.
 * waterbirds: the group-DRO release tarball from Stanford, unpacked to
   ``<data_dir>/waterbird_complete95_forest2water2/``; checked by opening the archive and by checking that
   metadata.csv has its columns and that every file it lists exists (no checksum is pinned: none is
@@ -116,6 +116,9 @@ def prepare_bffhq(data_dir: Path) -> None:
 
 
 PREPARERS = {"mnist": prepare_mnist, "waterbirds": prepare_waterbirds, "bffhq": prepare_bffhq}
+# dataset names that are built from MNIST
+PREPARERS.update({"biased_mnist": prepare_mnist, "multicolor_mnist": prepare_mnist})
+LAYOUTS.update({"biased_mnist": LAYOUTS["mnist"], "multicolor_mnist": LAYOUTS["mnist"]})
 
 
 def main(argv: list[str] | None = None) -> int:
