@@ -68,6 +68,10 @@ class BFFHQ(InMemoryImageDataset):
         on_error: ``skip`` (drop unusable files, report them) or ``raise``.
     """
 
+    class_names = ["young", "old"]
+    bias_names = ["female", "male"]
+    bias_attributes = ["gender"]
+
     def __init__(
         self,
         data_dir: str | Path,
@@ -101,12 +105,5 @@ class BFFHQ(InMemoryImageDataset):
         biases = np.array([yz[1] for _, yz in named], dtype=np.int64)[kept]
         files = np.array([str(p) for p, _ in named], dtype=object)[kept]
 
-        self.name = name
-        self.split = split
-        self.source = str(root)
-        self.seed = int(seed)
-        self.rho_requested = rho
-        self.class_names = ["young", "old"]
-        self.bias_names = ["female", "male"]
-        self.bias_attributes = ["gender"]
-        self._store(images, labels, biases, files, dropped + unreadable)
+        self._store(images, labels, biases, files, dropped + unreadable, name=name, split=split, source=str(root),
+                    seed=seed, rho=rho)

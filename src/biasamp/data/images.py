@@ -109,8 +109,8 @@ def warn_dropped(name: str, dropped: Sequence[tuple[str, str]]) -> None:
 class InMemoryImageDataset(InMemoryBiasDataset):
     """Base of the real datasets: uint8 images, class labels and bias values held in memory.
 
-    Subclasses set their names, ``seed`` and ``rho_requested`` and call :meth:`_store` at the end of
-    ``__init__``. ``files`` is the source file of each stored sample; ``dropped`` the ``(path, reason)`` of each
+    Subclasses set ``class_names``, ``bias_names`` and ``bias_attributes`` as class attributes and call
+    :meth:`_store` at the end of ``__init__``. ``files`` is the source file of each stored sample; ``dropped`` the ``(path, reason)`` of each
     file that could not be used.
     """
 
@@ -123,8 +123,10 @@ class InMemoryImageDataset(InMemoryBiasDataset):
     bias_names: list[str]
 
     def _store(self, images: torch.Tensor, labels: np.ndarray, biases: np.ndarray, files: np.ndarray,
-               dropped: Sequence[tuple[str, str]]) -> None:
-        """Keep the loaded samples, first resampled to ``rho_requested`` (seeded) when it is set."""
+               dropped: Sequence[tuple[str, str]], *, name: str, split: str, source: str, seed: int,
+               rho: float | None) -> None:
+        """Keep the loaded samples, first resampled to ``rho`` (seeded by ``seed``) when it is set."""
+        self.name, self.split, self.source, self.seed, self.rho_requested = name, split, source, int(seed), rho
         if self.rho_requested is not None:
             index = rho_resample(labels, biases, self.rho_requested, self.seed, num_classes=len(self.class_names))
             images, labels, biases, files = images[torch.from_numpy(index)], labels[index], biases[index], files[index]

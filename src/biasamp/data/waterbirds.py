@@ -61,6 +61,10 @@ class Waterbirds(InMemoryImageDataset):
         on_error: ``skip`` (drop unreadable files, report them) or ``raise``.
     """
 
+    class_names = ["landbird", "waterbird"]
+    bias_names = ["land", "water"]
+    bias_attributes = ["place"]
+
     def __init__(
         self,
         data_dir: str | Path,
@@ -89,13 +93,6 @@ class Waterbirds(InMemoryImageDataset):
         biases = table["place"].to_numpy()[kept]
         files = np.array([str(p) for p in paths], dtype=object)[kept]
 
-        self.name = name
-        self.split = split
-        self.source = str(root)
-        self.seed = int(seed)
-        self.rho_requested = rho
-        self.class_names = ["landbird", "waterbird"]
-        self.bias_names = ["land", "water"]
-        self.bias_attributes = ["place"]
-        self._store(images, labels, biases, files, dropped)
+        self._store(images, labels, biases, files, dropped, name=name, split=split, source=str(root), seed=seed,
+                    rho=rho)
 
