@@ -110,8 +110,8 @@ class InMemoryImageDataset(InMemoryBiasDataset):
     """Base of the real datasets: uint8 images, class labels and bias values held in memory.
 
     Subclasses set ``class_names``, ``bias_names`` and ``bias_attributes`` as class attributes and call
-    :meth:`_store` at the end of ``__init__``. ``files`` is the source file of each stored sample; ``dropped`` the ``(path, reason)`` of each
-    file that could not be used.
+    :meth:`_store` at the end of ``__init__``. ``files`` is the source file of each stored sample; ``dropped``
+    the ``(path, reason)`` of each file that could not be used.
     """
 
     name: str
