@@ -357,12 +357,14 @@ def test_registry_builds_from_config(name, wb_root, bf_root):
         build_dataset(bad)
 
 
-def test_train_cli_smoke_on_waterbirds_fixture(wb_root, tmp_path):
-    proc = run_train(["dataset=waterbirds", "rho=0.95", f"paths.data_dir={wb_root}", "model=tiny",
-                      "trainer.max_steps=3", "batch_size=8", "name=wb"], cwd=tmp_path)
+@pytest.mark.parametrize("name, rho", [("waterbirds", 0.95), ("bffhq", 0.8)])
+def test_train_cli_smoke_on_fixture(name, rho, wb_root, bf_root, tmp_path):
+    root = wb_root if name == "waterbirds" else bf_root
+    proc = run_train([f"dataset={name}", f"rho={rho}", f"paths.data_dir={root}", "model=tiny",
+                      "trainer.max_steps=3", "batch_size=8", "name=smoke"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dropped 2 file(s)" in proc.stderr
-    assert list((tmp_path / "runs" / "train" / "wb" / "checkpoints").glob("*.ckpt"))
+    assert list((tmp_path / "runs" / "train" / "smoke" / "checkpoints").glob("*.ckpt"))
 
 
 # ---------------------------------------------------------------- prepare
