@@ -7,7 +7,7 @@ SMOKE  ?= 0
 QUICK_CKPT := $(OUT)/train/quickstart_rho0.9_seed0
 
 .PHONY: help install test test-slow test-gpu lint quickstart clean \
-	paper-bmnist paper-bmnist-2class paper-steps paper-guidance
+	paper-bmnist paper-bmnist-2class paper-steps paper-guidance paper-multicolor
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ paper-steps:  ## steps 6..500, Heun vs Euler, churn 0/60 (GPU; SMOKE=1: tiny CPU
 
 paper-guidance:  ## guidance w in {0 .. 10} (GPU; SMOKE=1: tiny CPU run)
 	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-guidance/run.sh
+
+paper-multicolor:  ## Multi-Color MNIST, left/right rho in {0.95, 0.99} x guidance (GPU; SMOKE=1: tiny CPU run)
+	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-multicolor/run.sh
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache

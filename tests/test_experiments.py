@@ -19,6 +19,7 @@ RECIPES = [
     ("paper-steps", 8, ["rho_vs_steps.png"]),
     ("paper-guidance", 3, ["rho_vs_guidance.png"]),
     ("paper-bmnist-2class", 4, ["rho_vs_churn.png"]),
+    ("paper-multicolor", 4, ["rho_vs_guidance.png"]),  # 2 settings x 2 attributes
 ]
 
 
@@ -36,5 +37,7 @@ def test_smoke_paper_targets_run_end_to_end(tmp_path):
         for fig in figures:
             assert (sweep / "report" / fig).stat().st_size > 0, (target, fig)
         assert (sweep / "report" / "results.md").is_file()
+        if target == "paper-multicolor":
+            assert sorted(results["attribute"]) == ["left", "left", "right", "right"]
         if target == "paper-steps":  # the rho 0.9 model of paper-bmnist is reused, not trained again
             assert "paper_bmnist_rho0.9_seed0 is already finished" in proc.stdout

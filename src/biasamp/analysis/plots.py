@@ -100,7 +100,7 @@ def _save(fig: Figure, stem: Path, formats: Sequence[str], dpi: int) -> list[Pat
     paths = []
     for fmt in formats:
         buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=dpi)
+        fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.03)  # wide legends stay whole
         path = stem.with_name(f"{stem.name}.{fmt}")
         atomic_write_bytes(path, buf.getvalue())
         paths.append(path)
