@@ -31,7 +31,7 @@ TINY = {"name": "tiny", "net": {"model_channels": 8, "channel_mult": [1, 2, 2], 
                                 "attn_resolutions": [], "dropout": 0.0, "label_dropout": 0.1}}
 SMALL = {"name": "small", "net": {"model_channels": 32, "channel_mult": [1, 2], "num_blocks": 1,
                                   "attn_resolutions": [16], "dropout": 0.0, "label_dropout": 0.0}}
-SIGMAS = [0.002, 0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 20.0, 80.0]
+SIGMAS = [0.002, 0.02, 0.2, 1.0, 5.0, 20.0, 80.0]
 
 
 def _randomised(model_cfg: dict, seed: int = 0) -> nn.Module:
@@ -163,13 +163,13 @@ def _bf16_errors(denoiser: nn.Module) -> tuple[float, float]:
     exact fp32 skip term c_skip x), on noisy random images."""
     bf16 = FastDenoiser(denoiser, precision="bf16")
     torch.manual_seed(1)
-    y0 = torch.randn(4, 3, 32, 32).clamp(-1, 1)
-    labels = one_hot(torch.tensor([0, 1, 0, 1]), 2)
+    y0 = torch.randn(2, 3, 32, 32).clamp(-1, 1)
+    labels = one_hot(torch.tensor([0, 1]), 2)
     worst_d = worst_f = 0.0
     with torch.no_grad():
         for sigma in SIGMAS:
             x = y0 + sigma * torch.randn_like(y0)
-            s = torch.full((4,), sigma)
+            s = torch.full((2,), sigma)
             d32, d16 = denoiser(x, s, labels), bf16(x, s, labels)
             assert d16.dtype == torch.float32 and torch.isfinite(d16).all()
             skip = 0.25 / (sigma**2 + 0.25) * x
@@ -207,7 +207,7 @@ def _setup(net, meta, seed=5):
     from biasamp.oracles import build_oracle
 
     return CountSetup(net=net, oracle=build_oracle({"name": "colour"}, meta),
-                      sampler={"name": "edm", "solver": "heun", "num_steps": 5, "sigma_min": None,
+                      sampler={"name": "edm", "solver": "heun", "num_steps": 4, "sigma_min": None,
                                "sigma_max": None, "rho": 7.0, "s_churn": 0.0, "s_min": 0.0,
                                "s_max": float("inf"), "s_noise": 1.0, "n_skipped_steps": 0},
                       guidance=1.0, guidance_uncond="null", guidance_interval=None, seed=seed, label_dim=2,
@@ -226,10 +226,10 @@ def test_bf16_counts_agree_with_fp32_within_their_intervals(tiny_checkpoint):
     for precision in ("fp32", "bf16"):
         setup = _setup(fast_denoiser(net, "cpu", precision=precision), meta)
         state = CountState(precision, setup.count_shape)
-        run_rows(setup, state, rows, n_per_class=48, batch_size=48)
+        run_rows(setup, state, rows, n_per_class=32, batch_size=32)
         # class 0's own colour is value 0 (red), class 1's is value 1 (green); counts over (colour, valid)
         aligned[precision] = int(state.counts["0"][0].sum() + state.counts["1"][1].sum())
-    n = 96
+    n = 64
     for a, b in ((aligned["fp32"], aligned["bf16"]), (aligned["bf16"], aligned["fp32"])):
         lo, hi = proportion_interval(a, n)
         assert lo <= b / n <= hi, aligned
