@@ -259,6 +259,19 @@ def test_precision_is_part_of_the_count_job_identity(tiny_checkpoint, tmp_path):
     assert CountState.load_or_new(tmp_path, plan32.fingerprint, (2, 2)).done == {"0": 4}
 
 
+def test_jobs_of_one_process_reuse_the_prepared_denoiser(tiny_checkpoint):
+    """A multirun's jobs over one checkpoint share the prepared (compiled) denoiser; other switches do not."""
+    from biasamp.count import check_and_plan, prepared_denoiser
+
+    args = [f"checkpoint={tiny_checkpoint}", "fabric.accelerator=cpu", "compile=false"]
+    cfg_a, cfg_b = compose_count([*args, "guidance=0"]), compose_count([*args, "guidance=3", "sampler.num_steps=6"])
+    first = prepared_denoiser(check_and_plan(cfg_a), torch.device("cpu"), cfg_a)
+    assert prepared_denoiser(check_and_plan(cfg_b), torch.device("cpu"), cfg_b) is first
+    cfg_c = compose_count([*args, "precision=bf16"])
+    other = prepared_denoiser(check_and_plan(cfg_c), torch.device("cpu"), cfg_c)
+    assert other is not first and other.precision == "bf16"
+
+
 def test_count_app_writes_a_bf16_job_beside_the_fp32_one(tiny_checkpoint, tmp_path):
     from tests.conftest import run_count
 

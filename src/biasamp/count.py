@@ -221,6 +221,22 @@ def _flat(prefix: str, mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {f"{prefix}.{k}": v for k, v in mapping.items()}
 
 
+# The last prepared denoiser of this process, by (checkpoint sha256, device, speed switches): the jobs of a
+# multirun (one process, one job after another) over the same checkpoint reuse it, and with it its compiled
+# graphs, so torch.compile's warm-up is paid once per sweep rather than once per setting.
+_PREPARED: dict[tuple, Any] = {}
+
+
+def prepared_denoiser(plan: Plan, device: torch.device, cfg: DictConfig) -> Any:
+    key = (plan.checkpoint_sha256, str(device), plan.precision, str(cfg.channels_last), str(cfg.compile),
+           str(cfg.compile_mode))
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one checkpoint's weights at a time
+        _PREPARED[key] = fast_denoiser(plan.net, device, precision=plan.precision, channels_last=cfg.channels_last,
+                                       compile=cfg.compile, compile_mode=cfg.compile_mode)
+    return _PREPARED[key]
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     with ddp_job():
         return _run(cfg)
@@ -255,8 +271,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
                 print(meta["summary"])
             return meta
 
-    net = fast_denoiser(plan.net, fabric.device, precision=plan.precision, channels_last=cfg.channels_last,
-                        compile=cfg.compile, compile_mode=cfg.compile_mode)
+    net = prepared_denoiser(plan, fabric.device, cfg)
     setup = CountSetup(
         net=net, oracle=oracle, sampler=_plain(cfg.sampler), guidance=float(cfg.guidance),
         guidance_uncond=plan.uncond, guidance_interval=plan.interval, seed=int(cfg.seed),
