@@ -278,6 +278,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         label_dim=int(plan.meta["label_dim"]),
         image_shape=(int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]), int(plan.meta["img_resolution"])),
         device=fabric.device,
+        pad_to=int(cfg.batch_size) if getattr(net, "compile", False) else None,
     )
     lock = _job_lock(job_dir) if writer else contextlib.nullcontext()
     with lock:

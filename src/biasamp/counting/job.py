@@ -47,13 +47,22 @@ class CountSetup:
     label_dim: int
     image_shape: tuple[int, int, int]
     device: torch.device
+    pad_to: int | None = None  # generate every batch at this size (the tail sliced off): one shape, one compile
 
     @property
     def count_shape(self) -> tuple[int, ...]:
         return (*[len(v) for v in self.oracle.value_names], 2)
 
     def generate(self, row: Row, indices: Tensor) -> tuple[Tensor, float]:
-        """Images (B, C, H, W) in [-1, 1] of the given sample indices of ``row``, and NFE per image."""
+        """Images (B, C, H, W) in [-1, 1] of the given sample indices of ``row``, and NFE per image.
+
+        With ``pad_to``, a short batch is filled up with the next indices and their images dropped: a sample's
+        image depends only on its own index, so this changes no image, and a compiled denoiser (CUDA graphs)
+        sees a single batch shape instead of compiling again for every last, shorter batch."""
+        n = len(indices)
+        if self.pad_to is not None and 0 < n < self.pad_to:
+            start = int(indices.max()) + 1
+            indices = torch.cat([indices.cpu(), torch.arange(start, start + self.pad_to - n)])
         labels = None
         if row.class_index is not None:
             labels = one_hot(torch.full((len(indices),), row.class_index, dtype=torch.long), self.label_dim)
@@ -63,7 +72,7 @@ class CountSetup:
         key = row.class_index if row.class_index is not None else self.label_dim
         noise = IndexNoise(row_seed(self.seed, key), indices.to(self.device), self.image_shape, device=self.device)
         x = sample(denoiser, noise, self.sampler, sigma_min=self.net.sigma_min, sigma_max=self.net.sigma_max)
-        return x.clamp(-1.0, 1.0), float(denoiser.nfe)
+        return x[:n].clamp(-1.0, 1.0), float(denoiser.nfe)
 
     def classify(self, images: Tensor) -> np.ndarray:
         """Flattened counts over (value of each attribute..., valid) of a batch."""
