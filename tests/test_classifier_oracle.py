@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -129,3 +130,38 @@ def test_bad_oracle_inputs_are_one_line(tiny_checkpoint, bias_oracle, tmp_path):
     proc = run_app("oracle", [*ORACLE_ARGS, "attribute=foo"], tmp_path / "c")
     assert "attribute='foo' is not allowed" in _one_line_error(proc, "biasamp.oracle: error:")
     assert not list((tmp_path / "c").rglob("oracle.ckpt"))
+
+
+def test_class_oracle_adds_class_fidelity_without_changing_the_bias_counts(tiny_checkpoint, tmp_path):
+    """count with class_oracle=<attribute=target oracle>: a class_pred column, class fidelity in results.csv and
+    meta.json equal to the share of samples predicted as their own class, and the same colour counts as
+    without it (in a job folder of its own)."""
+    proc = run_app("oracle", [*ORACLE_ARGS, "attribute=target", "name=target01"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    target = tmp_path / "runs" / "oracles" / "target01" / "oracle.ckpt"
+    args = [f"checkpoint={tiny_checkpoint}", "n_per_class=6", "sampler.num_steps=4", "save_grid=false",
+            "sweep_name=fid"]
+    assert run_count(args, tmp_path).returncode == 0
+    proc = run_count([*args, f"class_oracle={target}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "class fidelity=" in proc.stdout
+    sweep = tmp_path / "runs" / "count" / "fid"
+    (plain,) = [p for p in sweep.iterdir() if p.is_dir() and "-fid-" not in p.name and p.name != "report"]
+    (fid,) = [p for p in sweep.iterdir() if "-fid-" in p.name]
+    with_pred = pd.read_csv(fid / "counts.csv")
+    assert list(with_pred.columns) == ["class", "colour", "class_pred", "valid", "count"]
+    summed = with_pred.groupby(["class", "colour", "valid"], sort=False)["count"].sum().reset_index()
+    assert summed.equals(pd.read_csv(plain / "counts.csv"))  # the bias counts do not change
+    k = int(with_pred.loc[with_pred["class"].astype(str) == with_pred["class_pred"].astype(str), "count"].sum())
+    results = pd.read_csv(sweep / "results.csv").set_index("job_dir")
+    row = results.loc[fid.name]
+    assert row["class_fidelity"] == pytest.approx(k / 12) and row["class_fidelity_n"] == 12
+    assert row["class_fidelity_low"] <= k / 12 <= row["class_fidelity_high"]
+    assert pd.isna(results.loc[plain.name, "class_fidelity"])
+    meta = json.loads((fid / "meta.json").read_text())
+    assert meta["class_oracle"]["class_fidelity"] == pytest.approx(k / 12)
+    assert meta["class_oracle"]["confusion"] == torch.load(target, weights_only=True)["confusion"]
+
+    proc = run_app("report", [f"sweep={sweep}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "class fidelity" in (sweep / "report" / "results.md").read_text()

@@ -156,3 +156,11 @@ def test_train_count_and_report_carry_both_attributes(tmp_path):
 def test_missing_full_mnist_names_the_prepare_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m biasamp\.data\.prepare mnist --data-dir"):
         MultiColorMNIST(rho_left=0.9, rho_right=0.9, source="torchvision", data_dir=tmp_path)
+
+
+def test_results_csv_keeps_null_strings_when_rows_are_added(tmp_path):
+    path = tmp_path / "results.csv"
+    update_results(path, [{"job_dir": "a", "guidance_uncond": "null", "guidance_interval": ""}])
+    update_results(path, [{"job_dir": "b", "guidance_uncond": "null", "guidance_interval": ""}])
+    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    assert df["guidance_uncond"].tolist() == ["null", "null"] and df["guidance_interval"].isna().all()

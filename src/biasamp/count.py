@@ -40,7 +40,7 @@ from biasamp.counting.job import CountSetup, Row, grid_images, run_rows
 from biasamp.counting.state import CountState
 from biasamp.io import atomic_write_bytes, atomic_write_json
 from biasamp.launch import ddp_job, prepare_relaunch
-from biasamp.oracles import build_oracle
+from biasamp.oracles import CLASS_PRED, build_oracle, with_class_prediction
 from biasamp.sampling import check_sampler_config
 from biasamp.speed import (
     SpeedConfigError,
@@ -81,11 +81,11 @@ def count_precision(precision: Any, accelerator: Any) -> str:
 
 
 def setting_name(sampler: Any, guidance: Any, uncond: Any, interval: Any, oracle: Any, seed: Any,
-                 precision: Any = "fp32", accelerator: Any = "auto") -> str:
+                 precision: Any = "fp32", accelerator: Any = "auto", class_oracle: Any = None) -> str:
     """A readable, unique folder name for one sampling setting: the main knobs plus a hash of all of them.
 
-    A bf16 job gets a ``-bf16`` part and its own hash; fp32 jobs keep the names they had before precision
-    was a setting."""
+    A bf16 job gets a ``-bf16`` part and its own hash, a job with a class oracle a ``-fid`` part; other jobs
+    keep the names they had before these were settings."""
     sampler, oracle, interval = _plain(sampler), _plain(oracle), _plain(interval)
     try:
         resolved = count_precision(precision, accelerator)
@@ -94,6 +94,8 @@ def setting_name(sampler: Any, guidance: Any, uncond: Any, interval: Any, oracle
     items = [sampler, guidance, uncond, interval, oracle, seed]
     if resolved != "fp32":
         items.append({"precision": resolved})
+    if class_oracle:
+        items.append({"class_oracle": str(class_oracle)})
     blob = json.dumps(items, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:8]
     parts = [str(sampler.get("name"))]
@@ -104,6 +106,8 @@ def setting_name(sampler: Any, guidance: Any, uncond: Any, interval: Any, oracle
     parts.append(f"w{guidance:g}" if isinstance(guidance, numbers.Real) else f"w{guidance}")
     if resolved != "fp32":
         parts.append(resolved)
+    if class_oracle:
+        parts.append("fid")
     return "-".join(parts) + f"-{digest}"
 
 
@@ -186,6 +190,9 @@ def check_and_plan(cfg: DictConfig) -> Plan:
     if cfg.include_uncond:
         rows.append(Row(UNCOND, None))
     oracle = build_oracle(_plain(cfg.oracle), meta)
+    class_oracle = cfg.get("class_oracle")
+    if class_oracle:
+        oracle = with_class_prediction(oracle, str(class_oracle), meta)
     sha = sha256_file(checkpoint)
     identity = {
         "checkpoint_sha256": sha, "sampler": _plain(cfg.sampler), "guidance": float(guidance), "uncond": uncond,
@@ -193,6 +200,8 @@ def check_and_plan(cfg: DictConfig) -> Plan:
     }
     if precision != "fp32":  # bf16 samples differ from fp32 ones: never continue one job as the other
         identity["precision"] = precision
+    if class_oracle:  # one more count column
+        identity["class_oracle_sha256"] = sha256_file(Path(str(class_oracle)).expanduser())
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     return Plan(checkpoint, sha, net, meta, oracle, rows, fingerprint, interval, uncond, precision)
 
@@ -304,6 +313,12 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         return _write_outputs(cfg, plan, setup, state, stats, job_dir, sweep_dir, world)
 
 
+def _oracle_name(path: Any) -> str:
+    """An oracle checkpoint's short name: its folder (runs/oracles/<name>/oracle.ckpt), else its file stem."""
+    p = Path(str(path))
+    return p.parent.name if p.name == "oracle.ckpt" and p.parent.name else p.stem
+
+
 def data_rho(meta: dict[str, Any], attribute: str, n_attributes: int) -> float:
     """The training data's rho for one oracle attribute: the dataset summary's per-attribute value, else (one
     attribute) the checkpoint's rho_data. A missing attribute is an error, never a silent fallback."""
@@ -329,11 +344,20 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
 
     class_names = [str(c) for c in plan.meta["class_names"]]
     level = float(cfg.ci_level)
+    fidelity = None
+    if CLASS_PRED in attributes:  # the class classifier's column: class fidelity, not a bias attribute
+        fidelity = rho_model_from_counts(table, class_names, class_names, CLASS_PRED, level=level)
+        values = [v for a, v in zip(attributes, values, strict=True) if a != CLASS_PRED]
+        attributes = [a for a in attributes if a != CLASS_PRED]
     rho_data = {a: data_rho(plan.meta, a, len(attributes)) for a in attributes}
     est = {a: rho_model_from_counts(table, class_names, v, a, level=level)
            for a, v in zip(attributes, values, strict=True)}
     est_valid = {a: rho_model_from_counts(table, class_names, v, a, level=level, valid_only=True)
                  for a, v in zip(attributes, values, strict=True)}
+    fidelity_cols = {} if fidelity is None else {
+        "class_fidelity": fidelity.rho_model, "class_fidelity_low": fidelity.ci_low,
+        "class_fidelity_high": fidelity.ci_high, "class_fidelity_n": fidelity.n,
+        "class_fidelity_k": fidelity.n_aligned}
     n_invalid = int(table.loc[~table["valid"].astype(bool) & (table["class"] != UNCOND), "count"].sum())
     nfe = stats.nfe_per_image
     if not math.isfinite(nfe):  # nothing sampled in this session (only files were missing): keep the old figure
@@ -343,6 +367,8 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
     summary = "; ".join(
         f"{a}: rho_model={est[a].rho_model:.4f} [{est[a].ci_low:.4f}, {est[a].ci_high:.4f}] rho_data={rho_data[a]:.4f}"
         for a in attributes)
+    if fidelity is not None:
+        summary += f"; class fidelity={fidelity.rho_model:.4f} [{fidelity.ci_low:.4f}, {fidelity.ci_high:.4f}]"
     summary = (f"biasamp.count: {job_dir.name}: {summary} ({int(level * 100)}% CP, n={est[attributes[0]].n}, "
                f"invalid={n_invalid}) {stats.images_per_s:.1f} img/s, {nfe:g} NFE/img")
     meta = {
@@ -360,8 +386,11 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         "guidance": float(cfg.guidance),
         "guidance_uncond": plan.uncond,
         "guidance_interval": list(plan.interval) if plan.interval else None,
-        "oracle": {**_plain(cfg.oracle), "attributes": attributes, "value_names": values,
-                   "confusion": setup.oracle.confusion},
+        "oracle": {**_plain(cfg.oracle), "attributes": list(setup.oracle.attributes),
+                   "value_names": [list(v) for v in setup.oracle.value_names], "confusion": setup.oracle.confusion},
+        "class_oracle": None if fidelity is None else {
+            "checkpoint": str(cfg.class_oracle), "confusion": getattr(setup.oracle, "class_confusion", None),
+            **fidelity_cols},
         "seed": int(cfg.seed),
         "n_per_class": int(cfg.n_per_class),
         "rows": [{"name": r.name, "class_index": r.class_index, "sample_index_range": [0, state.done[r.name]]}
@@ -392,6 +421,7 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         "guidance_uncond": plan.uncond,
         "guidance_interval": json.dumps(meta["guidance_interval"]) if plan.interval else "",
         "oracle": _plain(cfg.oracle)["name"],
+        "class_oracle": _oracle_name(cfg.class_oracle) if cfg.get("class_oracle") else "",
         "seed": int(cfg.seed),
         "n_per_class": int(cfg.n_per_class),
         "n": est[a].n,
@@ -404,6 +434,7 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         "delta": est[a].rho_model - rho_data[a],
         "n_invalid": n_invalid,
         "rho_model_valid": est_valid[a].rho_model,
+        **fidelity_cols,
         "nfe": nfe,
         "images_per_s": meta["images_per_s"],
     } for a in attributes]

@@ -37,7 +37,8 @@ REQUIRED_COLUMNS = ("job_dir", "run", "rho_data", "sampler.name", "guidance", "n
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
 KEY_ORDER = ("rho_data", "run", "checkpoint", "dataset", "attribute", "sampler.name", "sampler.solver",
              "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
-KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "seed", "n_per_class", "sweep")
+KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "seed", "n_per_class",
+                  "sweep")
 # never shown in a caption: long paths that the run name already stands for
 NOT_NOTED = ("checkpoint", "sweep")
 TABLE_FORMATS = ("csv", "md", "tex")
@@ -51,7 +52,8 @@ LABELS_MD = {"rho_data": "ρ_data", "sampler.name": "sampler", "sampler.solver":
              "guidance_uncond": "uncond. branch", "guidance_interval": "guidance interval", "n_per_class": "n/class",
              "class_rho_data": "ρ_data (class)",
              "rho_model": "ρ_model", "rho": "ρ", "rho_corrected": "ρ_corrected", "delta": "Δ", "n": "n",
-             "invalid_frac": "invalid", "nfe": "NFE", "class": "class"}
+             "invalid_frac": "invalid", "nfe": "NFE", "class": "class", "class_fidelity": "class fidelity",
+             "class_oracle": "class oracle"}
 LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\mathrm{data}$ (class)",
               "sampler.s_churn": r"$S_\mathrm{churn}$",
               "sampler.s_min": r"$S_\mathrm{min}$", "sampler.s_max": r"$S_\mathrm{max}$",
@@ -62,7 +64,8 @@ LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\ma
               "rho_corrected": r"$\rho_\mathrm{corrected}$", "delta": r"$\Delta$", "n": r"$n$"}
 # a point estimate and the columns of its interval
 INTERVALS = {"rho_model": ("ci_low", "ci_high"), "rho": ("ci_low", "ci_high"),
-             "rho_corrected": ("rho_corrected_low", "rho_corrected_high")}
+             "rho_corrected": ("rho_corrected_low", "rho_corrected_high"),
+             "class_fidelity": ("class_fidelity_low", "class_fidelity_high")}
 # kept in the CSV, left out of Markdown/LaTeX
 HIDDEN_IN_TEXT = ("n_aligned", "n_invalid", "ci_method", "ci_level", "sweep", "job_dir")
 MISSING_MD, MISSING_TEX = "–", "--"
@@ -149,6 +152,12 @@ def load_results(sweep_dirs: str | Path | Iterable[str | Path], method: str = "c
     df["ci_method"] = method
     df["ci_level"] = level
     df["delta"] = df["rho_model"] - df["rho_data"].astype(float)
+    if "class_fidelity_k" in df:  # jobs counted with a class oracle: the same interval method for fidelity
+        for i, (k, n) in enumerate(zip(df["class_fidelity_k"], df["class_fidelity_n"], strict=True)):
+            if pd.notna(k) and pd.notna(n) and n > 0:
+                low, high = proportion_interval(int(k), int(n), level, method, n_boot=n_boot, seed=seed)
+                df.loc[df.index[i], ["class_fidelity", "class_fidelity_low", "class_fidelity_high"]] = [
+                    k / n, low, high]
     df.attrs.update(ci_method=method, ci_level=level, n_boot=n_boot, seed=seed)
     return df
 
@@ -334,6 +343,9 @@ def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None 
     out["n_invalid"] = n_invalid
     out["invalid_frac"] = [i / n if n else math.nan for i, n in zip(n_invalid, df["n"], strict=True)]
     out["nfe"] = df["nfe"] if "nfe" in df else np.nan
+    if "class_fidelity" in df:  # jobs counted with a class oracle (Clopper-Pearson, as the count app wrote it)
+        for column in ("class_fidelity", "class_fidelity_low", "class_fidelity_high"):
+            out[column] = df[column]
     jobs = [load_job(row) for _, row in df.iterrows()]
     corrected = any(job.confusion is not None for job in jobs)
     if corrected:
@@ -348,6 +360,7 @@ def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None 
     out = _sort(out, keys)
     out.attrs.update(_caption_attrs(df, keys, "results", corrected))
     out.attrs["n_boot"] = n_boot
+    out.attrs["fidelity"] = "class_fidelity" in out
     return out
 
 
@@ -479,6 +492,9 @@ def _caption(table: pd.DataFrame, tex: bool) -> str:
                 f"with {pct}{percent} {method} intervals; {delta} = {rho_model} {'$-$' if tex else '−'} {rho_data}; "
                 f"n: samples counted; invalid: share the oracle could not classify (counted in {rho_model}); "
                 "NFE: denoiser evaluations per sample.")
+    if a.get("fidelity"):
+        text += (" class fidelity: share of the class-conditional samples that the class oracle (trained with "
+                 f"attribute=target) assigns to their own class, same intervals ({dash} where not measured).")
     if a.get("corrected"):
         text += (f" {LABELS_TEX['rho_corrected'] if tex else 'ρ_corrected'}: corrected for the oracle's "
                  f"confusion measured on real data ({a.get('n_boot', 2000)} bootstrap resamples of both; "

@@ -93,7 +93,9 @@ def update_results(results_csv: Path, rows: Sequence[Mapping[str, Any]], key: st
     with open(results_csv.with_name(results_csv.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            old = pd.read_csv(results_csv) if results_csv.is_file() else pd.DataFrame()
+            # only empty cells are missing: "null" (guidance_uncond) and the like stay strings
+            old = (pd.read_csv(results_csv, keep_default_na=False, na_values=[""]) if results_csv.is_file()
+                   else pd.DataFrame())
             if len(old) and key in old.columns:
                 old = old[~old[key].astype(str).isin(keys)]
             new = pd.concat([old, pd.DataFrame([dict(r) for r in rows])], ignore_index=True)

@@ -6,6 +6,7 @@ from typing import Any
 from biasamp.oracles.base import Oracle, OracleOutput
 from biasamp.oracles.classifier import ClassifierOracle
 from biasamp.oracles.colour import ColourOracle
+from biasamp.oracles.fidelity import CLASS_PRED, WithClassPrediction
 
 ORACLES = ("colour", "classifier")
 COLOUR_DATASETS = ("biased_mnist", "multicolor_mnist")
@@ -64,4 +65,12 @@ def build_oracle(cfg: Mapping[str, Any], meta: Mapping[str, Any]) -> Oracle:
     raise AssertionError(name)  # unreachable: ORACLES lists every branch
 
 
-__all__ = ["ORACLES", "ClassifierOracle", "ColourOracle", "Oracle", "OracleOutput", "build_oracle"]
+def with_class_prediction(oracle: Oracle, class_oracle: str, meta: Mapping[str, Any]) -> Oracle:
+    """``oracle`` plus the predicted class (column ``class_pred``) of the target classifier at ``class_oracle``."""
+    classifier = ClassifierOracle.from_checkpoint(str(class_oracle))
+    return WithClassPrediction(oracle, classifier, [str(c) for c in meta["class_names"]],
+                               source=f"class_oracle={class_oracle}")
+
+
+__all__ = ["CLASS_PRED", "ORACLES", "ClassifierOracle", "ColourOracle", "Oracle", "OracleOutput",
+           "WithClassPrediction", "build_oracle", "with_class_prediction"]
