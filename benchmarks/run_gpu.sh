@@ -12,6 +12,13 @@ cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 fi
+# a bare GPU machine: biasamp from this checkout, and the wheels of benchmarks/fetch_wheels.sh (hydra-core,
+# omegaconf, antlr4, mlxtend: the tests need them, the bench does not) when .whl/ was carried along
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .whl ] && ! "$PY" -c "import hydra, omegaconf, mlxtend" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 stamp=$(date -u +%Y-%m-%d-%H%M)
