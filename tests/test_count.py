@@ -178,6 +178,7 @@ def test_multirun_sweep_fills_results_and_reruns_without_sampling(tiny_checkpoin
     ("guidance_interval=[2,1]", "guidance_interval"),
     ("n_per_class=0", "n_per_class=0"),
     ("batch_size=0", "batch_size=0"),
+    ("batch_size=big", "or auto"),
     ("oracle.allowed_colours=[blue]", "lacks the checkpoint's bias colour"),
 ])
 def test_bad_settings_are_named_before_sampling(tiny_checkpoint, override, needle):

@@ -5,6 +5,7 @@ their intervals) and precision as part of a count job's identity."""
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import numpy as np
@@ -346,3 +347,41 @@ def test_fast_path_on_cuda_matches_fp32():
             assert _rel(compiled(x_in, s, y), harsh(x_in, s, y)) < 1e-4, sigma
             assert _rel(harsh_bf16(x_in, s, y), harsh(x_in, s, y)) < 2.5e-2, sigma
     assert math.isfinite(float(ref.sum()))
+
+
+@pytest.mark.gpu
+def test_auto_batch_size_on_cuda_fits_and_runs():
+    from biasamp.speed import probe_batch_size
+
+    fast = FastDenoiser(build_denoiser(SMALL, 32, 3, 2).cuda(), precision="bf16")
+    batch = probe_batch_size(fast, (3, 32, 32), rows_per_sample=2, device="cuda")
+    assert batch % 64 == 0 and 64 <= batch <= 4096
+    with torch.inference_mode():
+        out = fast(torch.randn(2 * batch, 3, 32, 32, device="cuda"), 1.0, None)
+    assert out.shape == (2 * batch, 3, 32, 32) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------- batch size
+def test_batch_from_memory_arithmetic():
+    from biasamp.speed import batch_from_memory
+
+    gib = 2**30
+    assert batch_from_memory(10 * 2**20, 10 * gib) == 576  # 0.6 * 10 GiB / 10 MiB = 614.4 -> 576
+    assert batch_from_memory(2**20, 80 * gib) == 4096  # capped
+    assert batch_from_memory(2 * gib, 1 * gib) == 64  # never below one multiple
+    assert batch_from_memory(0, gib) == 4096
+
+
+def test_auto_batch_size_on_the_cpu_counts_like_a_fixed_one(tiny_checkpoint, tmp_path):
+    from tests.conftest import run_count
+
+    args = [f"checkpoint={tiny_checkpoint}", "n_per_class=5", "sampler.num_steps=3", "save_grid=false",
+            "fabric.accelerator=cpu"]
+    auto = run_count([*args, "batch_size=auto"], tmp_path / "auto")
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert "batch_size=auto: 64 samples per forward on cpu" in auto.stdout
+    fixed = run_count([*args, "batch_size=2"], tmp_path / "fixed")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    jobs = [next((tmp_path / d / "runs" / "count").glob("*/*/counts.csv")) for d in ("auto", "fixed")]
+    assert jobs[0].read_bytes() == jobs[1].read_bytes()
+    assert json.loads((jobs[0].parent / "meta.json").read_text())["batch_size"] == 64

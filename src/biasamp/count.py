@@ -48,6 +48,7 @@ from biasamp.speed import (
     check_switch,
     device_type,
     fast_denoiser,
+    probe_batch_size,
     resolve_precision,
 )
 
@@ -169,7 +170,10 @@ def check_and_plan(cfg: DictConfig) -> Plan:
     except SpeedConfigError as err:
         raise CountConfigError(str(err)) from None
     _int(cfg, "n_per_class", 1)
-    _int(cfg, "batch_size", 1)
+    bs = cfg.batch_size
+    if bs != "auto" and (not isinstance(bs, numbers.Integral) or isinstance(bs, bool) or bs < 1):
+        raise CountConfigError(f"batch_size={bs!r} is not allowed: an integer >= 1 (samples per forward on each "
+                               "device), or auto (the largest that fits on a GPU)")
     _int(cfg, "seed", 0)
     _int(cfg, "grid_per_class", 0)
     if not isinstance(cfg.ci_level, numbers.Real) or not 0 < cfg.ci_level < 1:
@@ -281,13 +285,22 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
             return meta
 
     net = prepared_denoiser(plan, fabric.device, cfg)
+    batch_size = cfg.batch_size
+    if batch_size == "auto":  # the counts do not depend on it: only the speed does
+        rows = 2 if float(cfg.guidance) > 0 or plan.uncond == "class_mean" else 1
+        image_shape = (int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]),
+                       int(plan.meta["img_resolution"]))
+        batch_size = probe_batch_size(net, image_shape, rows, fabric.device)
+        if writer:
+            print(f"biasamp.count: batch_size=auto: {batch_size} samples per forward on {fabric.device}")
+    batch_size = int(batch_size)
     setup = CountSetup(
         net=net, oracle=oracle, sampler=_plain(cfg.sampler), guidance=float(cfg.guidance),
         guidance_uncond=plan.uncond, guidance_interval=plan.interval, seed=int(cfg.seed),
         label_dim=int(plan.meta["label_dim"]),
         image_shape=(int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]), int(plan.meta["img_resolution"])),
         device=fabric.device,
-        pad_to=int(cfg.batch_size) if getattr(net, "compile", False) else None,
+        pad_to=batch_size if getattr(net, "compile", False) else None,
     )
     lock = _job_lock(job_dir) if writer else contextlib.nullcontext()
     with lock:
@@ -304,13 +317,13 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
                 return delta
             return fabric.all_reduce(torch.from_numpy(delta).to(fabric.device), reduce_op="sum").cpu().numpy()
 
-        stats = run_rows(setup, state, plan.rows, n, int(cfg.batch_size), rank=fabric.global_rank, world=world,
+        stats = run_rows(setup, state, plan.rows, n, batch_size, rank=fabric.global_rank, world=world,
                          reduce=reduce, on_batch=on_batch)
         bar.close()
         if not writer:
             return None
         state.save(job_dir)
-        return _write_outputs(cfg, plan, setup, state, stats, job_dir, sweep_dir, world)
+        return _write_outputs(cfg, plan, setup, state, stats, job_dir, sweep_dir, world, batch_size)
 
 
 def _oracle_name(path: Any) -> str:
@@ -332,7 +345,7 @@ def data_rho(meta: dict[str, Any], attribute: str, n_attributes: int) -> float:
 
 
 def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountState, stats: Any,
-                   job_dir: Path, sweep_dir: Path, world: int) -> dict[str, Any]:
+                   job_dir: Path, sweep_dir: Path, world: int, batch_size: int) -> dict[str, Any]:
     row_names = [r.name for r in plan.rows]
     attributes, values = list(setup.oracle.attributes), [list(v) for v in setup.oracle.value_names]
     table = counts_table(state, row_names, attributes, values)
@@ -399,7 +412,7 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         "wall_time_s": stats.seconds,
         "images_this_session": stats.images,
         "images_per_s": stats.images_per_s if stats.images else None,
-        "batch_size": int(cfg.batch_size),
+        "batch_size": batch_size,
         "world_size": world,
         "device": str(setup.device),
         "versions": _versions(),

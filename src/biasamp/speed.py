@@ -181,3 +181,43 @@ def accepts_fused(optimizer_factory: Callable[..., Any]) -> bool:
         return "fused" in inspect.signature(target).parameters
     except (TypeError, ValueError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------- batch size
+CPU_BATCH = 64  # batch_size=auto off CUDA: memory is not the limit there, and larger batches gain little
+
+
+def batch_from_memory(bytes_per_sample: float, free_bytes: float, fraction: float = 0.6, multiple: int = 64,
+                      cap: int = 4096) -> int:
+    """The largest multiple of ``multiple`` (at least ``multiple``, at most ``cap``) whose samples need no more
+    than ``fraction`` of ``free_bytes`` at ``bytes_per_sample`` each."""
+    if bytes_per_sample <= 0:
+        return cap
+    fit = int(fraction * free_bytes / bytes_per_sample) // multiple * multiple
+    return max(multiple, min(cap, fit))
+
+
+@torch.inference_mode()
+def probe_batch_size(denoiser: FastDenoiser, image_shape: tuple[int, int, int], rows_per_sample: int,
+                     device: torch.device | str, probe: int = 64, cap: int = 4096) -> int:
+    """``batch_size=auto`` for sampling: on CUDA, one eager forward of ``probe`` samples (``rows_per_sample``
+    network rows each: 2 with guidance) measures the peak memory per sample, and the batch is the largest
+    multiple of 64 that fits in 60% of the free memory (the rest: the sampler's few image-sized tensors, the
+    oracle, compiled graphs); elsewhere ``CPU_BATCH``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_BATCH
+    net = denoiser.denoiser  # eager: probing the compiled one would compile a shape never used again
+    rows = probe * int(rows_per_sample)
+    x = torch.randn(rows, *image_shape, device=device)
+    labels = torch.zeros(rows, net.label_dim, device=device) if net.label_dim else None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with autocast(denoiser.precision, device):
+        net(x, torch.ones(rows, device=device), labels)
+    torch.cuda.synchronize(device)
+    per_sample = (torch.cuda.max_memory_allocated(device) - before) / probe
+    del x, labels
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_from_memory(per_sample, free, cap=cap)
