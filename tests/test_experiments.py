@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -38,6 +39,26 @@ def test_smoke_paper_targets_run_end_to_end(tmp_path):
             assert (sweep / "report" / fig).stat().st_size > 0, (target, fig)
         assert (sweep / "report" / "results.md").is_file()
         if target == "paper-multicolor":
-            assert sorted(results["attribute"]) == ["left", "left", "right", "right"]
+            check_multicolor(sweep, results)
         if target == "paper-steps":  # the rho 0.9 model of paper-bmnist is reused, not trained again
             assert "paper_bmnist_rho0.9_seed0 is already finished" in proc.stdout
+
+
+def check_multicolor(sweep: Path, results: pd.DataFrame) -> None:
+    """Two bias attributes through counts, results.csv, meta.json and the report (SMOKE: rho_left 0.9,
+    rho_right 0.8, 10 classes, 2 samples per class, w in {0, 1})."""
+    from biasamp.data import COLOUR_NAMES
+
+    assert sorted(results["attribute"]) == ["left", "left", "right", "right"]
+    assert dict(zip(results["attribute"], results["rho_data"], strict=True)) == {"left": 0.9, "right": 0.8}
+    for _, row in results.iterrows():
+        counts = pd.read_csv(sweep / row["job_dir"] / "counts.csv")
+        assert list(counts.columns) == ["class", "left", "right", "valid", "count"]
+        assert counts.groupby("class")["count"].sum().tolist() == [2] * 10
+        own = counts["class"].map(lambda c: COLOUR_NAMES[int(c)])
+        assert row["n"] == 20 and row["n_aligned"] == counts.loc[counts[row["attribute"]] == own, "count"].sum()
+    meta = json.loads((sweep / results["job_dir"].iloc[0] / "meta.json").read_text())
+    assert meta["rho_data_by_attribute"] == {"left": 0.9, "right": 0.8}
+    assert sorted(pd.read_csv(sweep / "report" / "results.csv")["attribute"]) == ["left", "left", "right", "right"]
+    per_class = pd.read_csv(sweep / "report" / "per_class.csv")
+    assert (per_class.loc[per_class["attribute"] == "right", "class_rho_data"] == 0.8).all()

@@ -372,16 +372,13 @@ def test_batch_from_memory_arithmetic():
     assert batch_from_memory(0, gib) == 4096
 
 
-def test_auto_batch_size_on_the_cpu_counts_like_a_fixed_one(tiny_checkpoint, tmp_path):
+def test_auto_batch_size_on_the_cpu_is_64(tiny_checkpoint, tmp_path):
+    """(Counts do not depend on the batch size: tests/test_count.py checks 7 against 64 byte for byte.)"""
     from tests.conftest import run_count
 
-    args = [f"checkpoint={tiny_checkpoint}", "n_per_class=5", "sampler.num_steps=3", "save_grid=false",
-            "fabric.accelerator=cpu"]
-    auto = run_count([*args, "batch_size=auto"], tmp_path / "auto")
+    auto = run_count([f"checkpoint={tiny_checkpoint}", "n_per_class=5", "sampler.num_steps=3", "save_grid=false",
+                      "fabric.accelerator=cpu", "batch_size=auto"], tmp_path)
     assert auto.returncode == 0, auto.stderr[-2000:]
     assert "batch_size=auto: 64 samples per forward on cpu" in auto.stdout
-    fixed = run_count([*args, "batch_size=2"], tmp_path / "fixed")
-    assert fixed.returncode == 0, fixed.stderr[-2000:]
-    jobs = [next((tmp_path / d / "runs" / "count").glob("*/*/counts.csv")) for d in ("auto", "fixed")]
-    assert jobs[0].read_bytes() == jobs[1].read_bytes()
-    assert json.loads((jobs[0].parent / "meta.json").read_text())["batch_size"] == 64
+    (meta,) = (tmp_path / "runs" / "count").glob("*/*/meta.json")
+    assert json.loads(meta.read_text())["batch_size"] == 64
