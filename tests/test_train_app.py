@@ -177,6 +177,26 @@ def test_multirun_gives_one_folder_per_rho(tmp_path):
         assert len(_ckpts(run)) == 1
 
 
+def test_ddp_static_graph_only_without_accumulation(tmp_path):
+    from biasamp.train import setup
+
+    base = [*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    for extra, static in (([], True), (["batch_gpu=4"], False)):  # 16 = 4 x 2 devices x 2 accumulation rounds
+        trainer = setup(compose_train([*base, *extra], run_dir=tmp_path / "run"), tmp_path / "run")[0]
+        assert trainer.strategy._ddp_kwargs["static_graph"] is static, extra
+
+
+def test_ddp_with_accumulation_on_cpu(tmp_path):
+    """Two ranks that each accumulate two micro-batches: DDP's static graph would break under no_sync()."""
+    proc = run_train([*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "batch_gpu=4",
+                      "trainer.precision=32-true", "trainer.max_steps=2"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "train" / "quickstart_rho0.9_seed0" / "train_summary.json").read_text())
+    assert summary["n_img"] == 2 * 16
+    r0, r1 = summary["ranks"]
+    assert r0["weights_sum"] == r1["weights_sum"]  # the gradients were all-reduced
+
+
 def test_ddp_two_processes_on_cpu(tmp_path):
     proc = run_train([*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3"],
                      cwd=tmp_path)

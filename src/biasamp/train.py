@@ -147,6 +147,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, DiffusionModule, I
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
     trainer_kwargs.pop("max_steps", None)
+    strategy = trainer_kwargs.get("strategy")
+    if accumulate > 1 and isinstance(strategy, dict) and strategy.get("static_graph"):
+        # DDP's static graph breaks under no_sync(), which gradient accumulation uses (pytorch#143580)
+        trainer_kwargs["strategy"] = {**strategy, "static_graph": False}
     trainer = instantiate(
         trainer_kwargs,
         max_steps=max_steps,
