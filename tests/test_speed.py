@@ -370,15 +370,23 @@ def test_batch_from_memory_arithmetic():
     assert batch_from_memory(2**20, 80 * gib) == 4096  # capped
     assert batch_from_memory(2 * gib, 1 * gib) == 64  # never below one multiple
     assert batch_from_memory(0, gib) == 4096
+    from biasamp.speed import CPU_BATCH, probe_batch_size
+
+    from biasamp.count import rows_per_sample
+
+    assert [rows_per_sample(0.0, "class_mean", 10), rows_per_sample(1.0, "null", 10),
+            rows_per_sample(1.0, "class_mean", 10)] == [1, 2, 11]
+    fast = FastDenoiser(build_denoiser(SMALL, 32, 3, 2), precision="fp32")
+    assert probe_batch_size(fast, (3, 32, 32), rows_per_sample=2, device="cpu") == CPU_BATCH == 64
 
 
-def test_auto_batch_size_on_the_cpu_is_64(tiny_checkpoint, tmp_path):
+def test_auto_batch_size_on_the_cpu_is_64_at_most_the_row(tiny_checkpoint, tmp_path):
     """(Counts do not depend on the batch size: tests/test_count.py checks 7 against 64 byte for byte.)"""
     from tests.conftest import run_count
 
     auto = run_count([f"checkpoint={tiny_checkpoint}", "n_per_class=5", "sampler.num_steps=3", "save_grid=false",
                       "fabric.accelerator=cpu", "batch_size=auto"], tmp_path)
     assert auto.returncode == 0, auto.stderr[-2000:]
-    assert "batch_size=auto: 64 samples per forward on cpu" in auto.stdout
+    assert "batch_size=auto: 5 samples per forward on cpu" in auto.stdout  # 64 on the CPU, capped at the row
     (meta,) = (tmp_path / "runs" / "count").glob("*/*/meta.json")
-    assert json.loads(meta.read_text())["batch_size"] == 64
+    assert json.loads(meta.read_text())["batch_size"] == 5

@@ -287,10 +287,13 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     net = prepared_denoiser(plan, fabric.device, cfg)
     batch_size = cfg.batch_size
     if batch_size == "auto":  # the counts do not depend on it: only the speed does
-        rows = 2 if float(cfg.guidance) > 0 or plan.uncond == "class_mean" else 1
+        rows = rows_per_sample(float(cfg.guidance), plan.uncond, int(plan.meta["label_dim"]))
         image_shape = (int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]),
                        int(plan.meta["img_resolution"]))
         batch_size = probe_batch_size(net, image_shape, rows, fabric.device)
+        if world > 1:  # every rank must slice the indices alike: the smallest rank's fit
+            batch_size = int(fabric.all_gather(torch.tensor(batch_size, device=fabric.device)).min())
+        batch_size = min(batch_size, -(-n // world))  # no larger than a rank's share of a row
         if writer:
             print(f"biasamp.count: batch_size=auto: {batch_size} samples per forward on {fabric.device}")
     batch_size = int(batch_size)
@@ -300,7 +303,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         label_dim=int(plan.meta["label_dim"]),
         image_shape=(int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]), int(plan.meta["img_resolution"])),
         device=fabric.device,
-        pad_to=batch_size if getattr(net, "compile", False) else None,
+        pad_to=min(batch_size, n) if getattr(net, "compile", False) else None,
     )
     lock = _job_lock(job_dir) if writer else contextlib.nullcontext()
     with lock:
@@ -324,6 +327,11 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
             return None
         state.save(job_dir)
         return _write_outputs(cfg, plan, setup, state, stats, job_dir, sweep_dir, world, batch_size)
+
+
+def rows_per_sample(guidance: float, uncond: str, label_dim: int) -> int:
+    """Network rows per sample in one guided forward: cond; + null; or + every class (class_mean)."""
+    return 1 if guidance == 0 else 2 if uncond == "null" else label_dim + 1
 
 
 def _oracle_name(path: Any) -> str:

@@ -53,14 +53,14 @@ class CountSetup:
     def count_shape(self) -> tuple[int, ...]:
         return (*[len(v) for v in self.oracle.value_names], 2)
 
-    def generate(self, row: Row, indices: Tensor) -> tuple[Tensor, float]:
+    def generate(self, row: Row, indices: Tensor, pad: bool = True) -> tuple[Tensor, float]:
         """Images (B, C, H, W) in [-1, 1] of the given sample indices of ``row``, and NFE per image.
 
         With ``pad_to``, a short batch is filled up with the next indices and their images dropped: a sample's
         image depends only on its own index, so this changes no image, and a compiled denoiser (CUDA graphs)
         sees a single batch shape instead of compiling again for every last, shorter batch."""
         n = len(indices)
-        if self.pad_to is not None and 0 < n < self.pad_to:
+        if pad and self.pad_to is not None and 0 < n < self.pad_to:
             start = int(indices.max()) + 1
             indices = torch.cat([indices.cpu(), torch.arange(start, start + self.pad_to - n)])
         labels = None
@@ -134,4 +134,5 @@ def run_rows(setup: CountSetup, state: CountState, rows: Sequence[Row], n_per_cl
 @torch.inference_mode()
 def grid_images(setup: CountSetup, rows: Sequence[Row], per_row: int) -> Tensor:
     """The first ``per_row`` samples of every row (the same images the counts saw), (rows*per_row, C, H, W)."""
-    return torch.cat([setup.generate(row, torch.arange(per_row))[0] for row in rows])
+    # unpadded: a few images need no full batch (a compiled denoiser compiles this shape once per process)
+    return torch.cat([setup.generate(row, torch.arange(per_row), pad=False)[0] for row in rows])
