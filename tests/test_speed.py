@@ -389,3 +389,25 @@ def test_auto_batch_size_on_the_cpu_is_64_at_most_the_row(tiny_checkpoint, tmp_p
     assert "batch_size=auto: 5 samples per forward on cpu" in auto.stdout  # 64 on the CPU, capped at the row
     (meta,) = (tmp_path / "runs" / "count").glob("*/*/meta.json")
     assert json.loads(meta.read_text())["batch_size"] == 5
+
+
+def test_resumed_adam_moments_take_the_weights_layout():
+    """A checkpoint saved with NCHW weights, resumed with channels_last (or back): the moments follow the
+    weights' layout, so fused Adam (which needs equal strides) updates correctly."""
+    from biasamp.training.module import match_state_layout
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    opt = torch.optim.Adam(conv.parameters(), lr=1e-2)
+    conv(torch.randn(2, 3, 8, 8)).square().mean().backward()
+    opt.step()
+    saved = opt.state_dict()
+    conv_cl = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    conv_cl.load_state_dict(conv.state_dict())
+    resumed = torch.optim.Adam(conv_cl.parameters(), lr=1e-2)
+    resumed.register_load_state_dict_post_hook(match_state_layout)
+    resumed.load_state_dict(saved)
+    state = resumed.state[conv_cl.weight]
+    assert state["exp_avg"].stride() == conv_cl.weight.stride() != conv.weight.stride()
+    torch.testing.assert_close(state["exp_avg"], opt.state[conv.weight]["exp_avg"], rtol=0, atol=0)
+    torch.testing.assert_close(state["exp_avg_sq"], opt.state[conv.weight]["exp_avg_sq"], rtol=0, atol=0)

@@ -28,6 +28,20 @@ from biasamp.speed import accepts_fused, compile_module
 from biasamp.training.ema import EMA, ema_beta
 
 
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (Adam's moments) its parameter's memory layout.
+
+    ``load_state_dict`` keeps the saved layout; a run resumed with another ``speed.channels_last`` would then
+    feed fused Adam moments whose strides differ from the weights', which it does not handle. Registered as a
+    load-state-dict post hook."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when the training loss stays NaN/Inf for too many consecutive steps."""
 
@@ -209,6 +223,7 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         extra = {"fused": True} if self.fused_adam and accepts_fused(self.optimizer_factory) else {}
         optimizer = self.optimizer_factory(params=self.denoiser.parameters(), **extra)
+        optimizer.register_load_state_dict_post_hook(match_state_layout)
         schedule, batch_total, total_img = self.lr_schedule, self.batch_total, self.total_img
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda=lambda step: schedule(step * batch_total, total_img)
