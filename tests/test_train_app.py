@@ -157,6 +157,10 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     other = run_train([*args, "model.net.model_channels=16", f"ckpt_path={first}", "name=other"], cwd=tmp_path / "b")
     assert other.returncode == 2
     assert "model.net" in other.stderr and "Traceback" not in other.stderr
+    # ... and so is one trained on other data (a setting the run name does not show)
+    other = run_train([*args, "dataset.class_size=100", f"ckpt_path={first}", "name=other2"], cwd=tmp_path / "c")
+    assert other.returncode == 2
+    assert "dataset.class_size=None, this run has 100" in other.stderr and "Traceback" not in other.stderr
 
     metrics = (run_a / "logs" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")

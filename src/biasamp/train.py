@@ -69,6 +69,20 @@ def _check_compatible(ckpt: dict[str, Any], module: DiffusionModule, path: Path)
             if a is not None and b is not None and a != b:
                 raise ConfigError(f"checkpoint {path} was trained with {key}.{sub}={a}, this run has {b}; "
                                   "use the checkpoint's settings or start a new run")
+    # the data must be the same too: a run name that hides a setting (e.g. dataset.rho_right) must not
+    # silently continue another run's checkpoint
+    new = module.hparams["config"]
+    for key in sorted(set(old.get("dataset") or {}) | set(new.get("dataset") or {})):
+        if key in ("data_dir", "download"):
+            continue
+        a, b = (old.get("dataset") or {}).get(key), (new.get("dataset") or {}).get(key)
+        if a != b:
+            raise ConfigError(f"checkpoint {path} was trained with dataset.{key}={a}, this run has {b}; resume with "
+                              "the checkpoint's settings, or give this run its own folder with name=<new name>")
+    for key in ("rho", "seed"):
+        if key in old and old.get(key) != new.get(key):
+            raise ConfigError(f"checkpoint {path} was trained with {key}={old.get(key)}, this run has "
+                              f"{new.get(key)}; resume with the checkpoint's settings or use name=<new name>")
     state = module.state_dict()
     for k, v in ckpt["state_dict"].items():
         if k in state and tuple(state[k].shape) != tuple(v.shape):
