@@ -17,7 +17,7 @@ from biasamp.data import PALETTE, build_dataset
 from biasamp.data.multicolor_mnist import MultiColorMNIST
 from biasamp.data.stream import to_model_range
 from biasamp.oracles import ColourOracle, build_oracle
-from tests.conftest import run_train
+from tests.conftest import run_app, run_train
 
 
 def test_each_half_gets_exactly_its_own_rho_per_class():
@@ -143,3 +143,14 @@ def test_results_csv_keeps_null_strings_when_rows_are_added(tmp_path):
     update_results(path, [{"job_dir": "b", "guidance_uncond": "null", "guidance_interval": ""}])
     df = pd.read_csv(path, keep_default_na=False, na_values=[""])
     assert df["guidance_uncond"].tolist() == ["null", "null"] and df["guidance_interval"].isna().all()
+
+
+def test_oracle_app_trains_a_class_classifier_but_no_two_attribute_bias_oracle(tmp_path):
+    args = ["dataset=multicolor_mnist", "dataset.classes_to_use=[0,1]", "dataset.img_resolution=16", "max_steps=3",
+            "batch_size=16"]
+    proc = run_app("oracle", [*args, "attribute=target", "name=mc_target"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "runs" / "oracles" / "mc_target" / "oracle.ckpt", weights_only=True)
+    assert ckpt["attribute"] == "class" and ckpt["value_names"] == ["0", "1"]
+    proc = run_app("oracle", [*args, "attribute=bias", "name=mc_bias"], tmp_path)
+    assert proc.returncode == 2 and "oracle=colour" in proc.stderr

@@ -278,7 +278,7 @@ def test_precision_is_part_of_the_count_job_identity(tiny_checkpoint, tmp_path):
     state = CountState(plan32.fingerprint, (2, 2))
     state.add("0", np.array([3, 1, 0, 0]), 4)
     state.save(tmp_path)
-    with pytest.raises(ValueError, match="precision differ"):  # an fp32 job is never continued as bf16
+    with pytest.raises(ValueError, match="precision or class oracle differ"):  # an fp32 job is never continued as bf16
         CountState.load_or_new(tmp_path, plan16.fingerprint, (2, 2))
     assert CountState.load_or_new(tmp_path, plan32.fingerprint, (2, 2)).done == {"0": 4}
 

@@ -194,6 +194,8 @@ def check_and_plan(cfg: DictConfig) -> Plan:
     if cfg.include_uncond:
         rows.append(Row(UNCOND, None))
     oracle = build_oracle(_plain(cfg.oracle), meta)
+    for attribute in oracle.attributes:  # each bias column needs the training data's rho (before any sampling)
+        data_rho(meta, attribute, len(oracle.attributes))
     class_oracle = cfg.get("class_oracle")
     if class_oracle:
         oracle = with_class_prediction(oracle, str(class_oracle), meta)

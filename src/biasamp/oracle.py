@@ -196,8 +196,11 @@ def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     labels, biases = dataset.labels.numpy(), dataset.biases.numpy()
     attributes = list(getattr(dataset, "bias_attributes", None) or ["bias"])
     if biases.ndim != 1:
-        raise OracleConfigError(f"dataset={cfg.dataset.name!r} has {len(attributes)} bias attributes {attributes}; "
-                                "the oracle app learns one: count this dataset with oracle=colour")
+        if cfg.attribute == "bias":
+            raise OracleConfigError(f"dataset={cfg.dataset.name!r} has {len(attributes)} bias attributes "
+                                    f"{attributes}; the oracle app learns one: count its bias with oracle=colour "
+                                    "(attribute=target trains its class classifier)")
+        biases = biases[:, 0]  # a class classifier: balance the groups of the first bias attribute
     if cfg.attribute == "bias":
         attribute = attributes[0]
         value_names, targets = bias_names, biases

@@ -123,13 +123,15 @@ def _heatmap_name(row: pd.Series, df: pd.DataFrame) -> str:
 
 def write_heatmaps(df: pd.DataFrame, keys: list[str], out_dir: Path, s: Settings) -> list[Path]:
     paths: list[Path] = []
+    bias_attributes = {str(a) for a in df["attribute"]} if "attribute" in df.columns else set()
     for _, row in _heatmap_rows(df, s.max_heatmaps).iterrows():
         job = load_job(row)
         label = setting_label(row, keys) if keys else str(row["job_dir"]).split("__", 1)[-1]
         title = f"{label}\n" + r"$\rho_\mathrm{model}$" + f" = {row['rho_model']:.3f}"
         oracle = job.meta["oracle"]
         for attribute, values in zip(oracle["attributes"], oracle["value_names"], strict=True):
-            if str(attribute) != job.attribute and "attribute" in df.columns:  # its own row draws the others
+            # a job has a row per bias attribute, each drawing its own; other columns (class_pred) go with each
+            if "attribute" in df.columns and str(attribute) != job.attribute and str(attribute) in bias_attributes:
                 continue
             stem = out_dir / "heatmaps" / f"{_heatmap_name(row, df)}_{attribute}"
             paths += plot_count_heatmap(job.counts, job.class_names, [str(v) for v in values], str(attribute), stem,

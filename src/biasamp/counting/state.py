@@ -62,7 +62,8 @@ class CountState:
         if raw.get("fingerprint") != fingerprint or tuple(raw.get("shape", ())) != tuple(shape):
             raise ValueError(
                 f"{path.parent} holds counts of different settings (checkpoint, sampler, guidance, oracle, "
-                "seed or precision differ); use another paths.output_dir or sweep_name, or delete that folder"
+                "seed, precision or class oracle differ); use another paths.output_dir or sweep_name, or delete "
+                "that folder"
             )
         state = cls(fingerprint=fingerprint, shape=tuple(shape))
         for name, flat in raw["counts"].items():

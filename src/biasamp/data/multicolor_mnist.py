@@ -86,6 +86,8 @@ class MultiColorMNIST(InMemoryBiasDataset):
         download: bool = False,
         name: str = "multicolor_mnist",
     ) -> None:
+        rho_left, rho_right, classes_to_use = (v.tolist() if isinstance(v, np.ndarray | torch.Tensor) else v
+                                               for v in (rho_left, rho_right, classes_to_use))
         classes = _validate_classes(classes_to_use)
         num_classes = len(classes)
         rhos = {"left": _validate_rho(rho_left, num_classes, key="dataset.rho_left"),
