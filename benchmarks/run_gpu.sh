@@ -23,4 +23,4 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 stamp=$(date -u +%Y-%m-%d-%H%M)
 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests-$stamp.log"
-"$PY" -m biasamp.bench --out "$OUT/bench-$stamp.json" "$@" | tee "$OUT/bench-$stamp.md"
+"$PY" -m biasamp.bench --profile --out "$OUT/bench-$stamp.json" "$@" | tee "$OUT/bench-$stamp.md"

@@ -35,6 +35,17 @@ def test_cpu_tiny_bench_writes_json(tmp_path, capsys):
     assert "| train_bmnist | tiny |" in printed and "fast/plain" in printed
 
 
+def test_profile_names_where_the_time_goes():
+    report = bench.main(["--preset", "cpu-tiny", "--workloads", "sample_bmnist", "--steps", "1", "--warmup", "1",
+                         "--profile"])
+    for path in ("plain", "fast"):
+        top = report["workloads"][0][path]["profile"]
+        assert 0 < len(top) <= 15 and all(e["self_ms"] > 0 and e["calls"] >= 1 for e in top)
+        assert [e["self_ms"] for e in top] == sorted((e["self_ms"] for e in top), reverse=True)
+        assert sum(e["share"] for e in top) <= 1 + 1e-9
+        assert any("conv" in e["op"] for e in top[:3])  # a conv net spends most of its time in convolutions
+
+
 def test_bad_workload_is_refused():
     with pytest.raises(SystemExit) as err:
         bench.main(["--workloads", "train_bmnist,nonsense"])

@@ -200,6 +200,26 @@ def _figures(images: int, seconds: float, flops_per_image: float, peak_tflops: f
             "fraction_of_peak": tflops / peak_tflops}
 
 
+def profile(fn: Callable[[], Any], device: torch.device, top: int = 15) -> list[dict[str, Any]]:
+    """The ``top`` operators by self time (the GPU's on CUDA, else the CPU's) of one call of ``fn``, under
+    torch.profiler: where a workload spends its time (matmul/conv kernels vs elementwise vs launch gaps)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with torch_profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"op": e.key, "calls": int(e.count), "self_ms": getattr(e, attr) / 1e3,
+             "share": getattr(e, attr) / total} for e in events[:top]]
+
+
 def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fast: dict[str, Any]) -> dict[str, Any]:
     model_cfg = model_config("tiny" if args.preset == "cpu-tiny" else w.model)
     params = sum(p.numel() for p in build_denoiser(model_cfg, w.img_resolution, 3, w.label_dim).parameters())
@@ -217,6 +237,8 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fa
                 steps(args.steps)
             out[path] = {**_figures(batch * args.steps, timed.seconds, flops, args.peak_tflops),
                          "warmup_s": warm.seconds}
+            if args.profile:
+                out[path]["profile"] = profile(lambda: steps(1), device)  # noqa: B023 - called right here
             del steps
     else:
         batch = args.sample_batch or w.batch
@@ -234,6 +256,8 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fa
             with Timer(device) as timed:
                 run(n_images)
             out[path] = {**_figures(n_images, timed.seconds, flops, args.peak_tflops), "warmup_s": warm.seconds}
+            if args.profile:
+                out[path]["profile"] = profile(lambda: run(min(batch, n_images)), device)  # noqa: B023
             del run
     out["fast_over_plain"] = out["fast"]["img_per_s"] / out["plain"]["img_per_s"]
     if device.type == "cuda":
@@ -288,6 +312,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode of the training step")
     ap.add_argument("--sample-compile-mode", default="reduce-overhead", help="torch.compile mode for sampling")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one training step / one sampling batch of each path (torch.profiler): the "
+                         "top operators by self time go to the JSON and to stderr")
     args = ap.parse_args(argv)
     tiny = args.preset == "cpu-tiny"
     defaults = {"steps": 3 if tiny else 20, "warmup": 2 if tiny else 5, "batch": 8 if tiny else None,
@@ -321,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = results[-1]
         print(f"biasamp.bench: {w}: plain {r['plain']['img_per_s']:.1f} img/s, fast {r['fast']['img_per_s']:.1f} "
               f"img/s ({r['fast_over_plain']:.2f}x)", file=sys.stderr)
+        for path in ("plain", "fast") if args.profile else ():
+            top = ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in r[path]["profile"][:6])
+            print(f"biasamp.bench: {w} {path} profile: {top}", file=sys.stderr)
     report = {
         "device": name,
         "device_type": device_type(device),
