@@ -146,7 +146,8 @@ def _train_runner(model_cfg: dict[str, Any], w: Workload, device: torch.device, 
             module.on_before_optimizer_step(optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            module.ema.update(module.denoiser, ema_beta(module.n_img, batch, 500, 0.05))
+            module.ema.update(module.denoiser, ema_beta(module.n_img, batch, module.ema_halflife_kimg,
+                                                        module.ema_rampup_ratio))
             module.n_img += batch
             module._micro_in_step = 0
 

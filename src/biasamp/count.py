@@ -287,11 +287,10 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
             return meta
 
     net = prepared_denoiser(plan, fabric.device, cfg)
+    image_shape = (int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]), int(plan.meta["img_resolution"]))
     batch_size = cfg.batch_size
     if batch_size == "auto":  # the counts do not depend on it: only the speed does
         rows = rows_per_sample(float(cfg.guidance), plan.uncond, int(plan.meta["label_dim"]))
-        image_shape = (int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]),
-                       int(plan.meta["img_resolution"]))
         batch_size = probe_batch_size(net, image_shape, rows, fabric.device)
         if world > 1:  # every rank must slice the indices alike: the smallest rank's fit
             batch_size = int(fabric.all_gather(torch.tensor(batch_size, device=fabric.device)).min())
@@ -303,8 +302,7 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
         net=net, oracle=oracle, sampler=_plain(cfg.sampler), guidance=float(cfg.guidance),
         guidance_uncond=plan.uncond, guidance_interval=plan.interval, seed=int(cfg.seed),
         label_dim=int(plan.meta["label_dim"]),
-        image_shape=(int(plan.meta["in_channels"]), int(plan.meta["img_resolution"]), int(plan.meta["img_resolution"])),
-        device=fabric.device,
+        image_shape=image_shape, device=fabric.device,
         pad_to=min(batch_size, n) if getattr(net, "compile", False) else None,
     )
     lock = _job_lock(job_dir) if writer else contextlib.nullcontext()

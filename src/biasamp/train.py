@@ -59,30 +59,29 @@ def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
     return None
 
 
+def _setting_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, the checkpoint's value, this run's value) of each setting a resumed run must share with its
+    checkpoint and does not: the network (model.net, .img_resolution, .name, where both name it), every
+    dataset key but where the files live (a run name that hides one, e.g. dataset.rho_right, must not silently
+    continue another run), rho and seed."""
+    old_model, new_model = old.get("model") or {}, new.get("model") or {}
+    pairs = [(f"model.{k}", old_model.get(k), new_model.get(k)) for k in ("net", "img_resolution", "name")
+             if old_model.get(k) is not None and new_model.get(k) is not None]
+    old_data, new_data = old.get("dataset") or {}, new.get("dataset") or {}
+    pairs += [(f"dataset.{k}", old_data.get(k), new_data.get(k)) for k in sorted(set(old_data) | set(new_data))
+              if k not in ("data_dir", "download")]
+    pairs += [(k, old.get(k), new.get(k)) for k in ("rho", "seed") if k in old]
+    return [(k, a, b) for k, a, b in pairs if a != b]
+
+
 def _check_compatible(ckpt: dict[str, Any], module: DiffusionModule, path: Path) -> None:
-    """A checkpoint from a different network shape stops the run before training, naming the difference."""
-    old = ckpt.get("hyper_parameters", {}).get("config", {})
-    for key in ("model", "dataset"):
-        for sub in ("net", "img_resolution", "name"):
-            a = (old.get(key) or {}).get(sub)
-            b = module.hparams["config"][key].get(sub)
-            if a is not None and b is not None and a != b:
-                raise ConfigError(f"checkpoint {path} was trained with {key}.{sub}={a}, this run has {b}; "
-                                  "use the checkpoint's settings or start a new run")
-    # the data must be the same too: a run name that hides a setting (e.g. dataset.rho_right) must not
-    # silently continue another run's checkpoint
-    new = module.hparams["config"]
-    for key in sorted(set(old.get("dataset") or {}) | set(new.get("dataset") or {})):
-        if key in ("data_dir", "download"):
-            continue
-        a, b = (old.get("dataset") or {}).get(key), (new.get("dataset") or {}).get(key)
-        if a != b:
-            raise ConfigError(f"checkpoint {path} was trained with dataset.{key}={a}, this run has {b}; resume with "
-                              "the checkpoint's settings, or give this run its own folder with name=<new name>")
-    for key in ("rho", "seed"):
-        if key in old and old.get(key) != new.get(key):
-            raise ConfigError(f"checkpoint {path} was trained with {key}={old.get(key)}, this run has "
-                              f"{new.get(key)}; resume with the checkpoint's settings or use name=<new name>")
+    """A checkpoint from a different network shape or other data stops the run before training, naming the
+    difference."""
+    differences = _setting_differences(ckpt.get("hyper_parameters", {}).get("config", {}), module.hparams["config"])
+    if differences:
+        key, a, b = differences[0]
+        raise ConfigError(f"checkpoint {path} was trained with {key}={a}, this run has {b}; resume with the "
+                          "checkpoint's settings, or give this run its own folder with name=<new name>")
     state = module.state_dict()
     for k, v in ckpt["state_dict"].items():
         if k in state and tuple(state[k].shape) != tuple(v.shape):
