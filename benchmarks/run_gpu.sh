@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The one command a GPU session runs for issue 6 ("GPU speed"):
-#   bash benchmarks/run_gpu.sh [extra biasamp.bench options, e.g. --workloads train_bmnist,sample_bmnist]
-# 1. the gpu-marked tests (bf16 vs fp32 D, compiled vs eager; skipped without CUDA);
-# 2. the benchmark, plain vs fast path for every workload, table on stdout and JSON with device, torch
-#    version and date.
-# Outputs go to $OUT (default benchmarks/results): gpu-tests-<date>.log, bench-<date>.json, bench-<date>.md.
-# The whole benchmark takes several minutes (compile warm-up included); split it with --workloads when a
-# session limits one command's time.
+# The commands a GPU session runs for issue 6 ("GPU speed"):
+#   bash benchmarks/run_gpu.sh [tests|bench|all] [biasamp.bench options]
+# tests: the gpu-marked tests (bf16 vs fp32 D, compiled vs eager, auto batch size; skipped without CUDA);
+# bench: the benchmark, plain vs fast path for every workload (or --workloads ...), a table on stdout and JSON
+#        with device, torch version and date; all (the default): both.
+# Outputs go to $OUT (default benchmarks/results): gpu-tests-<stamp>.log, bench-<stamp>.json, bench-<stamp>.md.
+# The JSON is rewritten after every workload, so a command cut off by a time limit keeps what it measured;
+# `--resume <earlier bench JSON>` runs only the workloads that JSON lacks and writes one report with all of them.
+# A whole benchmark takes roughly 15-20 minutes on an H100 (compile warm-up included): under a 10-minute limit
+# per command, split it, e.g. `bench --workloads train_bmnist,train_64,train_32`, then
+# `bench --resume <that JSON>` (see benchmarks/NOTES.md, "Running it").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+phase=all
+case "${1:-}" in
+  tests|bench|all) phase=$1; shift ;;
+esac
 if [ -z "${PY:-}" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 fi
@@ -22,5 +29,13 @@ fi
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 stamp=$(date -u +%Y-%m-%d-%H%M)
-"$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests-$stamp.log"
-"$PY" -m biasamp.bench --profile --out "$OUT/bench-$stamp.json" "$@" | tee "$OUT/bench-$stamp.md"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+  torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$OUT/device-$stamp.txt"
+rc=0  # a failing test does not stop the bench, nor a failed workload the others; the exit status says so
+if [ "$phase" != bench ]; then
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests-$stamp.log" || rc=$?
+fi
+if [ "$phase" != tests ]; then
+  "$PY" -m biasamp.bench --profile --out "$OUT/bench-$stamp.json" "$@" | tee "$OUT/bench-$stamp.md" || rc=$?
+fi
+exit $rc

@@ -11,10 +11,12 @@ if [ "$SMOKE" = "1" ]; then
     TRAIN_SMOKE=(model=tiny trainer=cpu dataset.source=embedded data.on_device=false batch_size=16
                  trainer.max_steps=2 trainer.enable_progress_bar=false)
     COUNT_SMOKE=(fabric.accelerator=cpu batch_size=16 save_grid=false)
+    REPORT_SMOKE=(max_heatmaps=1)  # one count heatmap (about 2 s each on a CPU) shows the figure works
 else
     OUT=${OUT:-runs}
     TRAIN_SMOKE=()
     COUNT_SMOKE=()
+    REPORT_SMOKE=()
 fi
 
 # run folders of a multirun as one comma-separated Hydra sweep value: runs_csv name1 name2 ...

@@ -60,3 +60,60 @@ def test_bench_networks_are_the_issues():
         assert sum(p.numel() for p in net.parameters()) == params, name
     w = bench.WORKLOADS["train_bmnist"]
     assert bench.train_flops_per_image(bench.model_config(w.model), w) / 1e9 == pytest.approx(19.2, abs=0.05)
+
+
+TINY = ["--preset", "cpu-tiny", "--steps", "1", "--warmup", "1"]
+
+
+def test_resume_runs_only_the_missing_workloads(tmp_path, monkeypatch):
+    first = tmp_path / "first.json"
+    bench.main([*TINY, "--workloads", "train_bmnist", "--out", str(first)])
+    ran = []
+    real = bench.run_workload
+    monkeypatch.setattr(bench, "run_workload", lambda w, *a: ran.append(w.name) or real(w, *a))
+    both = tmp_path / "both.json"
+    report = bench.main([*TINY, "--workloads", "train_bmnist,sample_bmnist", "--resume", str(first),
+                         "--out", str(both)])
+    assert ran == ["sample_bmnist"]  # train_bmnist came from the earlier report
+    saved = json.loads(both.read_text())
+    assert [w["workload"] for w in saved["workloads"]] == ["train_bmnist", "sample_bmnist"]
+    assert saved["workloads"][0] == json.loads(first.read_text())["workloads"][0]
+    assert saved["complete"] is True and report["complete"] is True
+
+
+def test_resume_refuses_a_report_measured_otherwise(tmp_path):
+    first = tmp_path / "first.json"
+    bench.main([*TINY, "--workloads", "train_bmnist", "--out", str(first)])
+    with pytest.raises(SystemExit, match="config.steps is 1 there but 2"):
+        bench.main(["--preset", "cpu-tiny", "--steps", "2", "--warmup", "1", "--resume", str(first)])
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.main([*TINY, "--resume", str(tmp_path / "missing.json")])
+
+
+def test_a_failed_workload_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    real = bench.run_workload
+
+    def failing(w, *a):
+        if w.name == "train_bmnist":
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(w, *a)
+
+    monkeypatch.setattr(bench, "run_workload", failing)
+    out = tmp_path / "bench.json"
+    report = bench.main([*TINY, "--workloads", "train_bmnist,sample_bmnist", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False and report["complete"] is False
+    failed, ok = saved["workloads"]
+    assert failed == {"workload": "train_bmnist", "error": "RuntimeError: CUDA out of memory (injected)"}
+    assert ok["workload"] == "sample_bmnist" and ok["fast"]["img_per_s"] > 0
+    # a resume reruns the failed workload only
+    monkeypatch.setattr(bench, "run_workload", real)
+    again = bench.main([*TINY, "--workloads", "train_bmnist,sample_bmnist", "--resume", str(out)])
+    assert [w["workload"] for w in again["workloads"]] == ["sample_bmnist", "train_bmnist"]
+    assert again["complete"] is True
+
+
+def test_a_profiler_failure_keeps_the_timings():
+    figures = {"img_per_s": 1.0}
+    bench._add_profile(figures, lambda: 1 / 0, bench.torch.device("cpu"))
+    assert figures == {"img_per_s": 1.0, "profile_error": "ZeroDivisionError: division by zero"}

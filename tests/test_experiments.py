@@ -38,6 +38,7 @@ def test_smoke_paper_targets_run_end_to_end(tmp_path):
         for fig in figures:
             assert (sweep / "report" / fig).stat().st_size > 0, (target, fig)
         assert (sweep / "report" / "results.md").is_file()
+        assert len(list((sweep / "report" / "heatmaps").glob("*.png"))) >= 1  # SMOKE draws one job's heatmap
         if target == "paper-multicolor":
             check_multicolor(sweep, results)
         if target == "paper-steps":  # the rho 0.9 model of paper-bmnist is reused, not trained again

@@ -323,13 +323,20 @@ def test_compiled_denoiser_and_training_step_match_eager_on_cpu():
 
 
 # ---------------------------------------------------------------------------------------------- GPU
+@pytest.fixture
+def no_tf32():
+    """A true fp32 reference on CUDA: TF32 off for matmuls and convolutions, restored afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.mark.gpu
-def test_fast_path_on_cuda_matches_fp32():
+def test_fast_path_on_cuda_matches_fp32(no_tf32):
     torch.manual_seed(0)
     denoiser = build_denoiser(SMALL, 32, 3, 2).eval().cuda()
     harsh, harsh_bf16 = _randomised(SMALL).cuda(), FastDenoiser(_randomised(SMALL).cuda(), precision="bf16")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     x = torch.randn(8, 3, 32, 32, device="cuda")
     y = one_hot(torch.arange(8) % 2, 2).cuda()
     torch.manual_seed(0)

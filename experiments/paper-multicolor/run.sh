@@ -11,4 +11,4 @@ csv() { local IFS=,; echo "$*"; }
 runs=(); for l in "${LEFT[@]}"; do for r in "${RIGHT[@]}"; do runs+=("paper_multicolor_l${l}_r${r}_seed0"); done; done
 "$PY" -m biasamp.count -m checkpoint="$(runs_csv "${runs[@]}")" sweep_name=paper-multicolor \
     guidance="$W" sampler.num_steps="$STEPS" n_per_class="$N" paths.output_dir="$OUT" "${COUNT_SMOKE[@]}"
-"$PY" -m biasamp.report sweep="$OUT/count/paper-multicolor"
+"$PY" -m biasamp.report sweep="$OUT/count/paper-multicolor" "${REPORT_SMOKE[@]}"

@@ -22,6 +22,7 @@ import math
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from biasamp.io import atomic_write_json
 from biasamp.models import EDMLoss, build_denoiser, one_hot
 from biasamp.sampling import IndexNoise, apply_guidance, guided_denoiser, sample
 from biasamp.speed import autocast, device_type, fast_denoiser, resolve_precision, resolve_switch
@@ -221,6 +223,14 @@ def profile(fn: Callable[[], Any], device: torch.device, top: int = 15) -> list[
              "share": getattr(e, attr) / total} for e in events[:top]]
 
 
+def _add_profile(figures: dict[str, Any], fn: Callable[[], Any], device: torch.device) -> None:
+    """figures["profile"] = profile(fn); a profiler failure is recorded, not raised: the timings stand."""
+    try:
+        figures["profile"] = profile(fn, device)
+    except Exception as err:
+        figures["profile_error"] = f"{type(err).__name__}: {err}"
+
+
 def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fast: dict[str, Any]) -> dict[str, Any]:
     model_cfg = model_config("tiny" if args.preset == "cpu-tiny" else w.model)
     params = sum(p.numel() for p in build_denoiser(model_cfg, w.img_resolution, 3, w.label_dim).parameters())
@@ -239,7 +249,7 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fa
             out[path] = {**_figures(batch * args.steps, timed.seconds, flops, args.peak_tflops),
                          "warmup_s": warm.seconds}
             if args.profile:
-                out[path]["profile"] = profile(lambda: steps(1), device)  # noqa: B023 - called right here
+                _add_profile(out[path], lambda: steps(1), device)  # noqa: B023 - called right here
             del steps
     else:
         batch = args.sample_batch or w.batch
@@ -258,7 +268,7 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fa
                 run(n_images)
             out[path] = {**_figures(n_images, timed.seconds, flops, args.peak_tflops), "warmup_s": warm.seconds}
             if args.profile:
-                out[path]["profile"] = profile(lambda: run(min(batch, n_images)), device)  # noqa: B023
+                _add_profile(out[path], lambda: run(min(batch, n_images)), device)  # noqa: B023
             del run
     out["fast_over_plain"] = out["fast"]["img_per_s"] / out["plain"]["img_per_s"]
     if device.type == "cuda":
@@ -286,6 +296,9 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
             f"plain TFLOP/s | fast TFLOP/s | fast % of {peak:g} | fast warm-up s |")
     lines = [head, "|" + "---|" * 12]
     for r in results:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | FAILED: {r['error'][:200]} |" + " |" * 10)
+            continue
         p, f = r["plain"], r["fast"]
         lines.append(f"| {r['workload']} | {r['model']} | {r['params'] / 1e6:.2f} M | {r['batch']} | "
                      f"{r['flops_per_image'] / 1e9:.3g} | {p['img_per_s']:.1f} | {f['img_per_s']:.1f} | "
@@ -298,7 +311,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m biasamp.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help=f"comma-separated, from {', '.join(WORKLOADS)} (default: all)")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write the results as JSON here (rewritten after every workload)")
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="keep the finished workloads of this earlier JSON (same device, torch and options) and "
+                         "run only the others: a benchmark split over several commands ends in one report")
     ap.add_argument("--preset", choices=("full", "cpu-tiny"), default="full",
                     help="cpu-tiny: tiny net, batch 8, 3 steps, 8 samples of a 2-step sampler (a CPU check)")
     ap.add_argument("--steps", type=int, default=None, help="timed training steps (default 20; cpu-tiny 3)")
@@ -335,6 +352,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# settings that must match for --resume to add to an earlier report (its figures must be comparable)
+RESUME_KEYS = ("preset", "steps", "warmup", "batch", "sample_batch", "n_samples", "sample_steps", "peak_tflops",
+               "precision", "no_compile", "compile_mode", "sample_compile_mode", "profile")
+
+
+def load_resume(path: Path, device_name: str, fast: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The finished workloads of an earlier report, after checking it was measured like this run; else exit 2."""
+    if not path.is_file():
+        raise SystemExit(f"biasamp.bench: --resume {path}: no such file (give the JSON an earlier run wrote)")
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"biasamp.bench: --resume {path}: not JSON ({err}); give the JSON an earlier run "
+                         "wrote") from None
+    mine = {"device": device_name, "torch": torch.__version__, "fast_path": fast,
+            **{f"config.{k}": getattr(args, k) for k in RESUME_KEYS}}
+    theirs = {"device": old.get("device"), "torch": old.get("torch"), "fast_path": old.get("fast_path"),
+              **{f"config.{k}": old.get("config", {}).get(k) for k in RESUME_KEYS}}
+    differ = [k for k in mine if mine[k] != theirs[k]]
+    if differ:
+        k = differ[0]
+        raise SystemExit(f"biasamp.bench: --resume {path}: {k} is {theirs[k]!r} there but {mine[k]!r} in this run; "
+                         "its figures would not be comparable: rerun with the same options or without --resume")
+    return [w for w in old.get("workloads", []) if "error" not in w]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -343,15 +386,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fast = fast_switches(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"biasamp.bench: {name}, torch {torch.__version__}, fast path {fast}", file=sys.stderr)
-    results = []
-    for w in args.workloads:
-        results.append(run_workload(WORKLOADS[w], args, device, fast))
-        r = results[-1]
-        print(f"biasamp.bench: {w}: plain {r['plain']['img_per_s']:.1f} img/s, fast {r['fast']['img_per_s']:.1f} "
-              f"img/s ({r['fast_over_plain']:.2f}x)", file=sys.stderr)
-        for path in ("plain", "fast") if args.profile else ():
-            top = ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in r[path]["profile"][:6])
-            print(f"biasamp.bench: {w} {path} profile: {top}", file=sys.stderr)
+    results = load_resume(args.resume, name, fast, args) if args.resume is not None else []
+    done = {r["workload"] for r in results}
+    if done:
+        print(f"biasamp.bench: --resume: kept {', '.join(sorted(done))} from {args.resume}", file=sys.stderr)
     report = {
         "device": name,
         "device_type": device_type(device),
@@ -365,19 +403,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fast_path": fast,
         "plain_path": PLAIN,
         "workloads": results,
+        "complete": False,
     }
     if device.type != "cuda":
         report["note"] = f"{device.type.upper()} run: checks the tool, says nothing about GPU speed"
     if args.preset != "full":
         report["note"] = report.get("note", "") + f" (preset {args.preset}: tiny network, small batches)"
 
+    for w in args.workloads:
+        if w in done:
+            continue
+        try:
+            r = run_workload(WORKLOADS[w], args, device, fast)
+        except Exception as err:  # one workload's failure (OOM, a compile error) must not lose the others
+            traceback.print_exc()
+            r = {"workload": w, "error": f"{type(err).__name__}: {err}"}
+            print(f"biasamp.bench: {w} FAILED: {r['error']}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(r)
+        if "error" not in r:
+            print(f"biasamp.bench: {w}: plain {r['plain']['img_per_s']:.1f} img/s, fast {r['fast']['img_per_s']:.1f} "
+                  f"img/s ({r['fast_over_plain']:.2f}x)", file=sys.stderr)
+        for path in ("plain", "fast") if args.profile and "error" not in r else ():
+            top = ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in r[path].get("profile", [])[:6])
+            print(f"biasamp.bench: {w} {path} profile: {top or r[path].get('profile_error')}", file=sys.stderr)
+        if args.out is not None:  # after every workload: a run cut off by a time limit keeps what it measured
+            atomic_write_json(args.out, report)
+    report["complete"] = all("error" not in r for r in results)
+
     print(table(results, args.peak_tflops))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.out, report)
         print(f"biasamp.bench: wrote {args.out}", file=sys.stderr)
     return report
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["complete"] else 1)

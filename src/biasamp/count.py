@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -227,9 +226,18 @@ def _job_lock(job_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def _versions() -> dict[str, str]:
     return {"biasamp": biasamp.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "lightning": L.__version__, "numpy": np.__version__, "pandas": pd.__version__}
+            "lightning": _version_of("lightning"), "numpy": np.__version__, "pandas": pd.__version__}
 
 
 def _flat(prefix: str, mapping: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,6 +273,8 @@ def _run(cfg: DictConfig) -> dict[str, Any] | None:
     except (ValueError, FileNotFoundError) as err:
         print(f"biasamp.count: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+    import lightning as L  # here, not at the top: a bad-input error or a finished job needs none of its 3 s import
 
     world = int(cfg.fabric.devices) * int(cfg.fabric.num_nodes)
     fabric = L.Fabric(accelerator=cfg.fabric.accelerator, devices=cfg.fabric.devices,
