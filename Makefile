@@ -17,11 +17,15 @@ install:  ## create .venv and install biasamp (editable) with the dev extras
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
 
+# the CPU tests run in parallel (pytest-xdist), one worker per core up to 4: most of them spend their time in
+# single-threaded subprocesses, so 2 cores halve the wall time
+XDIST ?= -n auto --maxprocesses=4
+
 test:  ## the default test suite (fast CPU tests)
-	WANDB_MODE=disabled $(PY) -m pytest
+	WANDB_MODE=disabled $(PY) -m pytest $(XDIST)
 
 test-slow:  ## also the slow CPU tests
-	WANDB_MODE=disabled $(PY) -m pytest -m "not gpu"
+	WANDB_MODE=disabled $(PY) -m pytest $(XDIST) -m "not gpu"
 
 test-gpu:  ## the GPU tests (needs CUDA)
 	WANDB_MODE=disabled $(PY) -m pytest -m gpu
