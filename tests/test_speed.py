@@ -418,3 +418,44 @@ def test_resumed_adam_moments_take_the_weights_layout():
     assert state["exp_avg"].stride() == conv_cl.weight.stride() != conv.weight.stride()
     torch.testing.assert_close(state["exp_avg"], opt.state[conv.weight]["exp_avg"], rtol=0, atol=0)
     torch.testing.assert_close(state["exp_avg_sq"], opt.state[conv.weight]["exp_avg_sq"], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- recompiles
+def test_compiled_sampling_traces_once_per_shape(monkeypatch):
+    """The compiled denoiser is traced once for the guided batch shape, and then serves every step, sigma,
+    sampler, churn, guidance weight and batch of sample indices without a recompile: a recompile per step would
+    cost seconds each and, past dynamo's cache limit, silently fall back to eager. Dynamo's guards decide
+    recompiles whatever the backend, so the cheap "eager" backend stands in for Inductor here."""
+    from biasamp.sampling import IndexNoise, guided_denoiser, sample
+
+    real_compile = torch.compile
+    traced = []
+
+    def counting_backend(gm, example_inputs):
+        traced.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: real_compile(
+        model, backend=counting_backend, dynamic=dynamic))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fast = FastDenoiser(build_denoiser(TINY, 32, 3, 2), precision="bf16", compile=True,
+                        compile_mode="reduce-overhead")
+    assert fast.compile and fast._forward is not fast.denoiser
+    labels = one_hot(torch.tensor([0, 1, 1, 0]), 2)
+    edm = {"name": "edm", "solver": "heun", "num_steps": 4, "s_churn": 0.0}
+
+    def run(guidance, start, cfg):
+        noise = IndexNoise(7, torch.arange(start, start + 4), (3, 32, 32))
+        with torch.inference_mode():
+            return sample(guided_denoiser(fast, labels, guidance=guidance), noise, cfg, 0.002, 80.0)
+
+    first = run(1.0, 0, edm)
+    assert len(traced) == 1  # one graph for the (8, 3, 32, 32) rows of cond + uncond
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(3.0, 4, edm)  # other weight, other sample indices
+        run(1.0, 8, {**edm, "s_churn": 40.0, "solver": "euler", "num_steps": 6})  # churn adds noise draws
+        run(1.0, 12, {"name": "dpmpp", "num_steps": 5})
+        again = run(1.0, 0, edm)
+    assert len(traced) == 1
+    assert torch.equal(first, again)  # same indices, same samples: nothing stale is reused
