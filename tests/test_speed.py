@@ -421,13 +421,8 @@ def test_resumed_adam_moments_take_the_weights_layout():
 
 
 # ---------------------------------------------------------------------------------------------- recompiles
-def test_compiled_sampling_traces_once_per_shape(monkeypatch):
-    """The compiled denoiser is traced once for the guided batch shape, and then serves every step, sigma,
-    sampler, churn, guidance weight and batch of sample indices without a recompile: a recompile per step would
-    cost seconds each and, past dynamo's cache limit, silently fall back to eager. Dynamo's guards decide
-    recompiles whatever the backend, so the cheap "eager" backend stands in for Inductor here."""
-    from biasamp.sampling import IndexNoise, guided_denoiser, sample
-
+def _count_traces(monkeypatch) -> list:
+    """Make torch.compile use a backend that records each graph it is given and runs it eagerly."""
     real_compile = torch.compile
     traced = []
 
@@ -438,6 +433,17 @@ def test_compiled_sampling_traces_once_per_shape(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: real_compile(
         model, backend=counting_backend, dynamic=dynamic))
     torch._dynamo.reset()
+    return traced
+
+
+def test_compiled_sampling_traces_once_per_shape(monkeypatch):
+    """The compiled denoiser is traced once for the guided batch shape, and then serves every step, sigma,
+    sampler, churn, guidance weight and batch of sample indices without a recompile: a recompile per step would
+    cost seconds each and, past dynamo's cache limit, silently fall back to eager. Dynamo's guards decide
+    recompiles whatever the backend, so the cheap "eager" backend stands in for Inductor here."""
+    from biasamp.sampling import IndexNoise, guided_denoiser, sample
+
+    traced = _count_traces(monkeypatch)
     torch.manual_seed(0)
     fast = FastDenoiser(build_denoiser(TINY, 32, 3, 2), precision="bf16", compile=True,
                         compile_mode="reduce-overhead")
@@ -459,3 +465,25 @@ def test_compiled_sampling_traces_once_per_shape(monkeypatch):
         again = run(1.0, 0, edm)
     assert len(traced) == 1
     assert torch.equal(first, again)  # same indices, same samples: nothing stale is reused
+
+
+def test_compiled_training_traces_once(monkeypatch):
+    """Training steps (new noise, sigmas, label dropout, lr and EMA updates) reuse one compiled graph."""
+    traced = _count_traces(monkeypatch)
+    module = _module(compile=True, channels_last=True)
+    optimizer = module.configure_optimizers()["optimizer"]
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    batch = (images, torch.tensor([0, 1, 0, 1]), torch.zeros(4, dtype=torch.long))
+
+    def step(i):
+        module.training_step(batch, i).backward()
+        module.on_before_optimizer_step(optimizer)
+        module.optimizer_step(0, i, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+    step(0)
+    assert len(traced) == 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(1, 4):
+            step(i)
+    assert len(traced) == 1 and module.n_img == 16
