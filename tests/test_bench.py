@@ -78,6 +78,7 @@ def test_resume_runs_only_the_missing_workloads(tmp_path, monkeypatch):
     saved = json.loads(both.read_text())
     assert [w["workload"] for w in saved["workloads"]] == ["train_bmnist", "sample_bmnist"]
     assert saved["workloads"][0] == json.loads(first.read_text())["workloads"][0]
+    assert saved["workloads"][0]["date"] <= saved["workloads"][1]["date"]  # each workload keeps its own date
     assert saved["complete"] is True and report["complete"] is True
 
 

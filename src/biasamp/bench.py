@@ -235,7 +235,8 @@ def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fa
     model_cfg = model_config("tiny" if args.preset == "cpu-tiny" else w.model)
     params = sum(p.numel() for p in build_denoiser(model_cfg, w.img_resolution, 3, w.label_dim).parameters())
     out: dict[str, Any] = {"workload": w.name, "kind": w.kind, "model": model_cfg["name"],
-                           "img_resolution": w.img_resolution, "label_dim": w.label_dim, "params": params}
+                           "img_resolution": w.img_resolution, "label_dim": w.label_dim, "params": params,
+                           "date": datetime.now(UTC).isoformat(timespec="seconds")}  # a resumed report mixes runs
     if w.kind == "train":
         batch = args.batch or w.batch
         flops = train_flops_per_image(model_cfg, w)
