@@ -57,6 +57,11 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
                 "seed", "rows", "nfe_per_image", "wall_time_s", "images_per_s", "versions"):
         assert key in meta, key
     assert meta["sampler"]["num_steps"] == 4 and meta["nfe_per_image"] == 7  # Heun: 2N - 1, no guidance
+    # batches of 5: the first batch's time (compile lands there) and the speed after it
+    assert 0 < meta["first_batch_s"] < meta["wall_time_s"] and meta["steady_images_per_s"] > 0
+    steady_s = meta["wall_time_s"] - meta["first_batch_s"]
+    assert meta["steady_images_per_s"] == pytest.approx((36 - 5) / steady_s)
+    assert "(first batch " in proc.stdout
     assert meta["rows"][0]["sample_index_range"] == [0, 12]
     assert meta["rho_data"] == pytest.approx(load_checkpoint(tiny_checkpoint)["hyper_parameters"]["rho_data"])
 

@@ -402,6 +402,8 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         summary += f"; class fidelity={fidelity.rho_model:.4f} [{fidelity.ci_low:.4f}, {fidelity.ci_high:.4f}]"
     summary = (f"biasamp.count: {job_dir.name}: {summary} ({int(level * 100)}% CP, n={est[attributes[0]].n}, "
                f"invalid={n_invalid}) {stats.images_per_s:.1f} img/s, {nfe:g} NFE/img")
+    if stats.steady_images_per_s is not None:  # where compile time goes: the first batch, then the warm speed
+        summary += f" (first batch {stats.first_batch_s:.1f} s, then {stats.steady_images_per_s:.1f} img/s)"
     meta = {
         "checkpoint": str(plan.checkpoint),
         "checkpoint_sha256": plan.checkpoint_sha256,
@@ -430,6 +432,8 @@ def _write_outputs(cfg: DictConfig, plan: Plan, setup: CountSetup, state: CountS
         "wall_time_s": stats.seconds,
         "images_this_session": stats.images,
         "images_per_s": stats.images_per_s if stats.images else None,
+        "first_batch_s": stats.first_batch_s,  # includes compile / CUDA-graph capture of a fresh denoiser
+        "steady_images_per_s": stats.steady_images_per_s,  # after the first batch
         "batch_size": batch_size,
         "world_size": world,
         "device": str(setup.device),

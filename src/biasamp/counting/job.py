@@ -89,10 +89,20 @@ class RunStats:
     images: int = 0  # generated in this session, all ranks
     seconds: float = 0.0
     nfe_per_image: float = float("nan")
+    first_batch_s: float | None = None  # the first batch's wall time: compile and CUDA-graph capture land here
+    first_batch_images: int = 0
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def steady_images_per_s(self) -> float | None:
+        """Images/s after the first batch (None with a single batch): the speed once warm."""
+        rest = self.seconds - (self.first_batch_s or 0.0)
+        if self.first_batch_s is None or self.images <= self.first_batch_images or rest <= 0:
+            return None
+        return (self.images - self.first_batch_images) / rest
 
 
 @torch.inference_mode()
@@ -125,6 +135,8 @@ def run_rows(setup: CountSetup, state: CountState, rows: Sequence[Row], n_per_cl
             state.add(row.name, delta, stop)
             stats.images += stop - start
             stats.seconds = time.perf_counter() - start_time
+            if stats.first_batch_s is None:
+                stats.first_batch_s, stats.first_batch_images = stats.seconds, stop - start
             on_batch(state, stop - start)
             start = stop
     stats.seconds = time.perf_counter() - start_time
