@@ -19,7 +19,8 @@ install:  ## create .venv and install biasamp (editable) with the dev extras
 
 # the CPU tests run in parallel (pytest-xdist), one worker per core up to 4: most of them spend their time in
 # single-threaded subprocesses, so 2 cores halve the wall time
-XDIST ?= -n auto --maxprocesses=4
+# (a venv made before pytest-xdist joined the dev extras runs them in one process until `make install`)
+XDIST ?= $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n auto --maxprocesses=4")
 
 test:  ## the default test suite (fast CPU tests)
 	WANDB_MODE=disabled $(PY) -m pytest $(XDIST)

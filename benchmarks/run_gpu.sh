@@ -4,7 +4,8 @@
 # tests: the gpu-marked tests (bf16 vs fp32 D, compiled vs eager, auto batch size; skipped without CUDA);
 # bench: the benchmark, plain vs fast path for every workload (or --workloads ...), a table on stdout and JSON
 #        with device, torch version and date; all (the default): both.
-# Outputs go to $OUT (default benchmarks/results): gpu-tests-<stamp>.log, bench-<stamp>.json, bench-<stamp>.md.
+# Outputs go to $OUT (default benchmarks/results): device-<stamp>.txt, gpu-tests-<stamp>.log,
+# bench-<stamp>.json, bench-<stamp>.md (the table) and bench-<stamp>.log (progress, profiles, tracebacks).
 # The JSON is rewritten after every workload, so a command cut off by a time limit keeps what it measured;
 # `--resume <earlier bench JSON>` runs only the workloads that JSON lacks and writes one report with all of them.
 # A whole benchmark takes roughly 15-20 minutes on an H100 (compile warm-up included): under a 10-minute limit
@@ -36,6 +37,8 @@ if [ "$phase" != bench ]; then
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests-$stamp.log" || rc=$?
 fi
 if [ "$phase" != tests ]; then
-  "$PY" -m biasamp.bench --profile --out "$OUT/bench-$stamp.json" "$@" | tee "$OUT/bench-$stamp.md" || rc=$?
+  # the table to bench-<stamp>.md; progress, profiles and any traceback also to bench-<stamp>.log
+  "$PY" -m biasamp.bench --profile --out "$OUT/bench-$stamp.json" "$@" 2> >(tee "$OUT/bench-$stamp.log" >&2) \
+    | tee "$OUT/bench-$stamp.md" || rc=$?
 fi
 exit $rc

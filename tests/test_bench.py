@@ -105,7 +105,8 @@ def test_a_failed_workload_is_recorded_and_the_others_still_run(tmp_path, monkey
     saved = json.loads(out.read_text())
     assert saved["complete"] is False and report["complete"] is False
     failed, ok = saved["workloads"]
-    assert failed == {"workload": "train_bmnist", "error": "RuntimeError: CUDA out of memory (injected)"}
+    assert failed["workload"] == "train_bmnist" and failed["error"] == "RuntimeError: CUDA out of memory (injected)"
+    assert "injected" in failed["traceback"] and "plain" not in failed  # it failed before measuring anything
     assert ok["workload"] == "sample_bmnist" and ok["fast"]["img_per_s"] > 0
     # a resume reruns the failed workload only
     monkeypatch.setattr(bench, "run_workload", real)
@@ -118,3 +119,52 @@ def test_a_profiler_failure_keeps_the_timings():
     figures = {"img_per_s": 1.0}
     bench._add_profile(figures, lambda: 1 / 0, bench.torch.device("cpu"))
     assert figures == {"img_per_s": 1.0, "profile_error": "ZeroDivisionError: division by zero"}
+
+
+def test_a_failure_not_retried_stays_in_the_resumed_report(tmp_path, monkeypatch):
+    """Command 1 runs two workloads, one of which fails; command 2 resumes with another workload only: the
+    failure must stay visible and the report incomplete until that workload is measured."""
+    real = bench.run_workload
+
+    def failing(w, *a):
+        if w.name == "train_bmnist":
+            raise RuntimeError("out of memory (injected)")
+        return real(w, *a)
+
+    monkeypatch.setattr(bench, "run_workload", failing)
+    first = tmp_path / "first.json"
+    bench.main([*TINY, "--workloads", "train_bmnist,train_32", "--out", str(first)])
+    monkeypatch.setattr(bench, "run_workload", real)
+    second = tmp_path / "second.json"
+    report = bench.main([*TINY, "--workloads", "sample_bmnist", "--resume", str(first), "--out", str(second)])
+    assert report["requested"] == ["train_bmnist", "train_32", "sample_bmnist"]
+    assert [(w["workload"], "error" in w) for w in report["workloads"]] == [
+        ("train_bmnist", True), ("train_32", False), ("sample_bmnist", False)]
+    assert report["complete"] is False and json.loads(second.read_text())["complete"] is False
+    third = bench.main([*TINY, "--workloads", "train_bmnist", "--resume", str(second)])
+    assert third["complete"] is True and [w["workload"] for w in third["workloads"]] == [
+        "train_32", "sample_bmnist", "train_bmnist"]
+
+
+def test_a_fast_path_failure_keeps_the_plain_figures(tmp_path, monkeypatch, capsys):
+    real = bench._sample_runner
+
+    def fast_fails(model_cfg, w, device, fast, *a):
+        if fast is not None:
+            raise RuntimeError("compile failed\nsecond line | with a bar")
+        return real(model_cfg, w, device, fast, *a)
+
+    monkeypatch.setattr(bench, "_sample_runner", fast_fails)
+    report = bench.main([*TINY, "--workloads", "sample_bmnist"])
+    (entry,) = report["workloads"]
+    assert entry["error"] == "RuntimeError: compile failed" and entry["plain"]["img_per_s"] > 0
+    assert "fast" not in entry and report["complete"] is False
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| sample_bmnist"))
+    assert "FAILED: RuntimeError: compile failed |" in row and "second line" not in row
+
+
+def test_resume_refuses_a_json_that_is_not_a_report(tmp_path):
+    bad = tmp_path / "list.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a biasamp.bench report"):
+        bench.main([*TINY, "--resume", str(bad)])

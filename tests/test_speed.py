@@ -421,29 +421,31 @@ def test_resumed_adam_moments_take_the_weights_layout():
 
 
 # ---------------------------------------------------------------------------------------------- recompiles
-def _count_traces(monkeypatch) -> list:
-    """Make torch.compile use a backend that records each graph it is given and runs it eagerly."""
+@pytest.fixture
+def traced(monkeypatch):
+    """torch.compile with a backend that records each graph it is given and runs it eagerly; dynamo's caches
+    are cleared before and after, so no other test meets these graphs."""
     real_compile = torch.compile
-    traced = []
+    graphs = []
 
-    def counting_backend(gm, example_inputs):
-        traced.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+    def recording_backend(gm, example_inputs):
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
         return gm.forward
 
     monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: real_compile(
-        model, backend=counting_backend, dynamic=dynamic))
+        model, backend=recording_backend, dynamic=dynamic))
     torch._dynamo.reset()
-    return traced
+    yield graphs
+    torch._dynamo.reset()
 
 
-def test_compiled_sampling_traces_once_per_shape(monkeypatch):
+def test_compiled_sampling_traces_once_per_shape(traced):
     """The compiled denoiser is traced once for the guided batch shape, and then serves every step, sigma,
     sampler, churn, guidance weight and batch of sample indices without a recompile: a recompile per step would
     cost seconds each and, past dynamo's cache limit, silently fall back to eager. Dynamo's guards decide
     recompiles whatever the backend, so the cheap "eager" backend stands in for Inductor here."""
     from biasamp.sampling import IndexNoise, guided_denoiser, sample
 
-    traced = _count_traces(monkeypatch)
     torch.manual_seed(0)
     fast = FastDenoiser(build_denoiser(TINY, 32, 3, 2), precision="bf16", compile=True,
                         compile_mode="reduce-overhead")
@@ -467,9 +469,8 @@ def test_compiled_sampling_traces_once_per_shape(monkeypatch):
     assert torch.equal(first, again)  # same indices, same samples: nothing stale is reused
 
 
-def test_compiled_training_traces_once(monkeypatch):
+def test_compiled_training_traces_once(traced):
     """Training steps (new noise, sigmas, label dropout, lr and EMA updates) reuse one compiled graph."""
-    traced = _count_traces(monkeypatch)
     module = _module(compile=True, channels_last=True)
     optimizer = module.configure_optimizers()["optimizer"]
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import math
 import platform
@@ -231,12 +232,16 @@ def _add_profile(figures: dict[str, Any], fn: Callable[[], Any], device: torch.d
         figures["profile_error"] = f"{type(err).__name__}: {err}"
 
 
-def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fast: dict[str, Any]) -> dict[str, Any]:
+def run_workload(w: Workload, args: argparse.Namespace, device: torch.device, fast: dict[str, Any],
+                 out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Time one workload's plain and fast paths; the figures go into ``out`` as they are measured (so a
+    caller keeps the plain path's figures when the fast path fails), which is also returned."""
+    out = {} if out is None else out
     model_cfg = model_config("tiny" if args.preset == "cpu-tiny" else w.model)
     params = sum(p.numel() for p in build_denoiser(model_cfg, w.img_resolution, 3, w.label_dim).parameters())
-    out: dict[str, Any] = {"workload": w.name, "kind": w.kind, "model": model_cfg["name"],
-                           "img_resolution": w.img_resolution, "label_dim": w.label_dim, "params": params,
-                           "date": datetime.now(UTC).isoformat(timespec="seconds")}  # a resumed report mixes runs
+    out.update({"workload": w.name, "kind": w.kind, "model": model_cfg["name"],
+                "img_resolution": w.img_resolution, "label_dim": w.label_dim, "params": params,
+                "date": datetime.now(UTC).isoformat(timespec="seconds")})  # a resumed report mixes runs
     if w.kind == "train":
         batch = args.batch or w.batch
         flops = train_flops_per_image(model_cfg, w)
@@ -298,7 +303,8 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
     lines = [head, "|" + "---|" * 12]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['workload']} | FAILED: {r['error'][:200]} |" + " |" * 10)
+            message = r["error"].splitlines()[0].replace("|", "\\|")[:200]
+            lines.append(f"| {r['workload']} | FAILED: {message} |" + " |" * 10)
             continue
         p, f = r["plain"], r["fast"]
         lines.append(f"| {r['workload']} | {r['model']} | {r['params'] / 1e6:.2f} M | {r['batch']} | "
@@ -358,8 +364,10 @@ RESUME_KEYS = ("preset", "steps", "warmup", "batch", "sample_batch", "n_samples"
                "precision", "no_compile", "compile_mode", "sample_compile_mode", "profile")
 
 
-def load_resume(path: Path, device_name: str, fast: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The finished workloads of an earlier report, after checking it was measured like this run; else exit 2."""
+def load_resume(path: Path, device_name: str, fast: dict[str, Any],
+                args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]]:
+    """An earlier report's workload entries (failed ones included) and the workloads it was asked for, after
+    checking it was measured like this run; else exit 2."""
     if not path.is_file():
         raise SystemExit(f"biasamp.bench: --resume {path}: no such file (give the JSON an earlier run wrote)")
     try:
@@ -367,16 +375,27 @@ def load_resume(path: Path, device_name: str, fast: dict[str, Any], args: argpar
     except json.JSONDecodeError as err:
         raise SystemExit(f"biasamp.bench: --resume {path}: not JSON ({err}); give the JSON an earlier run "
                          "wrote") from None
+    if not isinstance(old, dict) or not isinstance(old.get("workloads"), list):
+        raise SystemExit(f"biasamp.bench: --resume {path}: not a biasamp.bench report (no 'workloads' list)")
     mine = {"device": device_name, "torch": torch.__version__, "fast_path": fast,
             **{f"config.{k}": getattr(args, k) for k in RESUME_KEYS}}
     theirs = {"device": old.get("device"), "torch": old.get("torch"), "fast_path": old.get("fast_path"),
-              **{f"config.{k}": old.get("config", {}).get(k) for k in RESUME_KEYS}}
+              **{f"config.{k}": (old.get("config") or {}).get(k) for k in RESUME_KEYS}}
     differ = [k for k in mine if mine[k] != theirs[k]]
     if differ:
         k = differ[0]
         raise SystemExit(f"biasamp.bench: --resume {path}: {k} is {theirs[k]!r} there but {mine[k]!r} in this run; "
                          "its figures would not be comparable: rerun with the same options or without --resume")
-    return [w for w in old.get("workloads", []) if "error" not in w]
+    requested = old.get("requested") or (old.get("config") or {}).get("workloads") or []
+    return old["workloads"], [str(w) for w in requested]
+
+
+def _error_entry(w: str, err: BaseException, partial: dict[str, Any]) -> dict[str, Any]:
+    """A failed workload: what it measured before failing, the error's first line and the traceback's end."""
+    first = (str(err).splitlines() or [""])[0]
+    tail = traceback.format_exception(err)[-6:]
+    return {**partial, "workload": w, "error": f"{type(err).__name__}: {first}",
+            "traceback": "".join(tail)[-4000:]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -387,8 +406,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fast = fast_switches(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     print(f"biasamp.bench: {name}, torch {torch.__version__}, fast path {fast}", file=sys.stderr)
-    results = load_resume(args.resume, name, fast, args) if args.resume is not None else []
-    done = {r["workload"] for r in results}
+    earlier, requested = load_resume(args.resume, name, fast, args) if args.resume is not None else ([], [])
+    # keep the earlier report's finished workloads, and its failures that this run does not retry
+    results = [r for r in earlier if "error" not in r or r["workload"] not in args.workloads]
+    requested = [*requested, *(w for w in args.workloads if w not in requested)]
+    done = {r["workload"] for r in results if "error" not in r}
     if done:
         print(f"biasamp.bench: --resume: kept {', '.join(sorted(done))} from {args.resume}", file=sys.stderr)
     report = {
@@ -403,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "fast_path": fast,
         "plain_path": PLAIN,
+        "requested": requested,  # every workload asked for, by this run and the one it resumes
         "workloads": results,
         "complete": False,
     }
@@ -414,15 +437,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for w in args.workloads:
         if w in done:
             continue
+        partial: dict[str, Any] = {}
         try:
-            r = run_workload(WORKLOADS[w], args, device, fast)
+            r = run_workload(WORKLOADS[w], args, device, fast, partial)
         except Exception as err:  # one workload's failure (OOM, a compile error) must not lose the others
             traceback.print_exc()
-            r = {"workload": w, "error": f"{type(err).__name__}: {err}"}
+            r = _error_entry(w, err, partial)
             print(f"biasamp.bench: {w} FAILED: {r['error']}", file=sys.stderr)
+        if "error" in r:  # free what the failed workload held (its frames are gone now) before the next one
+            gc.collect()
+            torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        results.append(r)
+        results[:] = [*(x for x in results if x["workload"] != w), r]  # (the report holds this list)
         if "error" not in r:
             print(f"biasamp.bench: {w}: plain {r['plain']['img_per_s']:.1f} img/s, fast {r['fast']['img_per_s']:.1f} "
                   f"img/s ({r['fast_over_plain']:.2f}x)", file=sys.stderr)
@@ -431,7 +458,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"biasamp.bench: {w} {path} profile: {top or r[path].get('profile_error')}", file=sys.stderr)
         if args.out is not None:  # after every workload: a run cut off by a time limit keeps what it measured
             atomic_write_json(args.out, report)
-    report["complete"] = all("error" not in r for r in results)
+    measured = {r["workload"] for r in results if "error" not in r}
+    missing = [w for w in requested if w not in measured]
+    report["complete"] = not missing
+    if missing:
+        print(f"biasamp.bench: not measured: {', '.join(missing)} (run them again with --resume "
+              f"{args.out or '<this JSON>'})", file=sys.stderr)
 
     print(table(results, args.peak_tflops))
     if args.out is not None:
