@@ -168,3 +168,13 @@ def test_resume_refuses_a_json_that_is_not_a_report(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a biasamp.bench report"):
         bench.main([*TINY, "--resume", str(bad)])
+
+
+def test_fast_path_switches_follow_the_flags():
+    cpu, cuda = bench.torch.device("cpu"), bench.torch.device("cuda")
+    auto = bench.parse_args([])
+    assert bench.fast_switches(auto, cpu)["compile"] is False and bench.fast_switches(auto, cuda)["compile"] is True
+    forced = bench.fast_switches(bench.parse_args(["--compile", "true", "--channels-last", "false",
+                                                   "--precision", "bf16"]), cpu)
+    assert forced["compile"] is True and forced["channels_last"] is False and forced["precision"] == "bf16"
+    assert bench.fast_switches(bench.parse_args(["--compile", "false"]), cuda)["compile"] is False

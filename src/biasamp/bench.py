@@ -286,11 +286,15 @@ PLAIN = {"precision": "fp32", "channels_last": False, "compile": False, "compile
          "sample_compile_mode": "default", "fused_adam": False}
 
 
+def _switch(value: str) -> bool | str:
+    return {"true": True, "false": False}.get(value, value)
+
+
 def fast_switches(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {
         "precision": resolve_precision("--precision", args.precision, device),
-        "channels_last": resolve_switch("channels_last", "auto", device),
-        "compile": False if args.no_compile else resolve_switch("compile", "auto", device),
+        "channels_last": resolve_switch("--channels-last", _switch(args.channels_last), device),
+        "compile": resolve_switch("--compile", _switch(args.compile), device),
         "compile_mode": args.compile_mode,
         "sample_compile_mode": args.sample_compile_mode,
         "fused_adam": resolve_switch("fused_adam", "auto", device),
@@ -334,7 +338,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=800.0, help="peak for the %% column (H100 bf16 dense 800)")
     ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="of the fast path")
-    ap.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
+    ap.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                    help="torch.compile in the fast path (auto: on CUDA; true on a CPU checks the compiled path)")
+    ap.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
+                    help="channels_last in the fast path (auto: on CUDA)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode of the training step")
     ap.add_argument("--sample-compile-mode", default="reduce-overhead", help="torch.compile mode for sampling")
     ap.add_argument("--profile", action="store_true",
@@ -361,7 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # settings that must match for --resume to add to an earlier report (its figures must be comparable)
 RESUME_KEYS = ("preset", "steps", "warmup", "batch", "sample_batch", "n_samples", "sample_steps", "peak_tflops",
-               "precision", "no_compile", "compile_mode", "sample_compile_mode", "profile")
+               "precision", "compile", "channels_last", "compile_mode", "sample_compile_mode", "profile")
 
 
 def load_resume(path: Path, device_name: str, fast: dict[str, Any],
