@@ -91,7 +91,8 @@ def test_resume_refuses_a_report_measured_otherwise(tmp_path):
         bench.main([*TINY, "--resume", str(tmp_path / "missing.json")])
 
 
-def test_a_failed_workload_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+def _fail_train_bmnist(monkeypatch):
+    """Make the train_bmnist workload raise (as an out-of-memory would); the others run for real."""
     real = bench.run_workload
 
     def failing(w, *a):
@@ -100,6 +101,11 @@ def test_a_failed_workload_is_recorded_and_the_others_still_run(tmp_path, monkey
         return real(w, *a)
 
     monkeypatch.setattr(bench, "run_workload", failing)
+    return real
+
+
+def test_a_failed_workload_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    real = _fail_train_bmnist(monkeypatch)
     out = tmp_path / "bench.json"
     report = bench.main([*TINY, "--workloads", "train_bmnist,sample_bmnist", "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -124,14 +130,7 @@ def test_a_profiler_failure_keeps_the_timings():
 def test_a_failure_not_retried_stays_in_the_resumed_report(tmp_path, monkeypatch):
     """Command 1 runs two workloads, one of which fails; command 2 resumes with another workload only: the
     failure must stay visible and the report incomplete until that workload is measured."""
-    real = bench.run_workload
-
-    def failing(w, *a):
-        if w.name == "train_bmnist":
-            raise RuntimeError("out of memory (injected)")
-        return real(w, *a)
-
-    monkeypatch.setattr(bench, "run_workload", failing)
+    real = _fail_train_bmnist(monkeypatch)
     first = tmp_path / "first.json"
     bench.main([*TINY, "--workloads", "train_bmnist,train_32", "--out", str(first)])
     monkeypatch.setattr(bench, "run_workload", real)
