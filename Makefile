@@ -17,10 +17,11 @@ install:  ## create .venv and install biasamp (editable) with the dev extras
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
 
-# the CPU tests run in parallel (pytest-xdist), one worker per core up to 4: most of them spend their time in
+# the CPU tests run in parallel (pytest-xdist), one worker per core up to 4, idle workers taking queued tests from
+# busy ones (worksteal: test times range from milliseconds to minutes); most tests spend their time in
 # single-threaded subprocesses, so 2 cores halve the wall time
 # (a venv made before pytest-xdist joined the dev extras runs them in one process until `make install`)
-XDIST ?= $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n auto --maxprocesses=4")
+XDIST ?= $(shell $(PY) -c "import xdist" 2>/dev/null && echo "-n auto --maxprocesses=4 --dist worksteal")
 
 test:  ## the default test suite (fast CPU tests)
 	WANDB_MODE=disabled $(PY) -m pytest $(XDIST)

@@ -17,7 +17,13 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 torch.set_num_threads(1)
 
 
+# the longest test (minutes: every paper recipe end to end) runs first, so that under pytest-xdist the other
+# workers fill in around it instead of it starting last and running alone
+RUN_FIRST = ("tests/test_experiments.py",)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(RUN_FIRST))  # stable: the order is otherwise kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
