@@ -456,13 +456,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        results[:] = [*(x for x in results if x["workload"] != w), r]  # (the report holds this list)
-        if "error" not in r:
+        else:
             print(f"biasamp.bench: {w}: plain {r['plain']['img_per_s']:.1f} img/s, fast {r['fast']['img_per_s']:.1f} "
                   f"img/s ({r['fast_over_plain']:.2f}x)", file=sys.stderr)
-        for path in ("plain", "fast") if args.profile and "error" not in r else ():
-            top = ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in r[path].get("profile", [])[:6])
-            print(f"biasamp.bench: {w} {path} profile: {top or r[path].get('profile_error')}", file=sys.stderr)
+            for path in ("plain", "fast") if args.profile else ():
+                top = ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in r[path].get("profile", [])[:6])
+                print(f"biasamp.bench: {w} {path} profile: {top or r[path].get('profile_error')}", file=sys.stderr)
+        results[:] = [*(x for x in results if x["workload"] != w), r]  # (the report holds this list)
         if args.out is not None:  # after every workload: a run cut off by a time limit keeps what it measured
             atomic_write_json(args.out, report)
     measured = {r["workload"] for r in results if "error" not in r}

@@ -99,10 +99,10 @@ class RunStats:
     @property
     def steady_images_per_s(self) -> float | None:
         """Images/s after the first batch (None with a single batch): the speed once warm."""
-        rest = self.seconds - (self.first_batch_s or 0.0)
-        if self.first_batch_s is None or self.images <= self.first_batch_images or rest <= 0:
+        if self.first_batch_s is None or self.images <= self.first_batch_images:
             return None
-        return (self.images - self.first_batch_images) / rest
+        rest = self.seconds - self.first_batch_s
+        return (self.images - self.first_batch_images) / rest if rest > 0 else None
 
 
 @torch.inference_mode()
