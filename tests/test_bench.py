@@ -39,11 +39,35 @@ def test_profile_names_where_the_time_goes():
     report = bench.main(["--preset", "cpu-tiny", "--workloads", "sample_bmnist", "--steps", "1", "--warmup", "1",
                          "--profile"])
     for path in ("plain", "fast"):
-        top = report["workloads"][0][path]["profile"]
+        prof = report["workloads"][0][path]["profile"]
+        top = prof["top"]
         assert 0 < len(top) <= 15 and all(e["self_ms"] > 0 and e["calls"] >= 1 for e in top)
         assert [e["self_ms"] for e in top] == sorted((e["self_ms"] for e in top), reverse=True)
         assert sum(e["share"] for e in top) <= 1 + 1e-9
+        assert sum(e["self_ms"] for e in top) <= prof["busy_ms"] * (1 + 1e-9)
+        assert prof["busy_fraction"] == pytest.approx(prof["busy_ms"] / prof["wall_ms"])
         assert any("conv" in e["op"] for e in top[:3])  # a conv net spends most of its time in convolutions
+        assert "by_kind" not in prof  # kernel kinds are for GPU profiles
+
+
+@pytest.mark.parametrize(("name", "kind"), [  # kernel names from the H100 profiles in benchmarks/results
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1_g1_"
+     "execute_segment_k_off_kernel__5x_cudnn", "matmul/conv"),
+    ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "matmul/conv"),
+    ("triton_tem_fused_mm_0", "matmul/conv"),
+    ("triton_poi_fused__to_copy_add_clone_convolution_native_dropout_native_group_norm_silu_unsqueeze_24",
+     "fused (triton)"),
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_"
+     "cuda(at::TensorIteratorBase&)::{lambda()#3}>", "copy/layout"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<float, float, float, false, true, (cudnnKernelDataType_t)0>",
+     "copy/layout"),
+    ("Memcpy DtoD (Device -> Device)", "copy/layout"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>(long, float, float const*, float*)",
+     "other"),
+    ("dgrad2d_c1_k1_nhwc", "other"),  # the depthwise FIR resampling, not a tensor-core GEMM
+])
+def test_kernel_kinds(name, kind):
+    assert bench.kernel_kind(name) == kind
 
 
 def test_bad_workload_is_refused():

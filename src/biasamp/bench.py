@@ -204,24 +204,71 @@ def _figures(images: int, seconds: float, flops_per_image: float, peak_tflops: f
             "fraction_of_peak": tflops / peak_tflops}
 
 
-def profile(fn: Callable[[], Any], device: torch.device, top: int = 15) -> list[dict[str, Any]]:
-    """The ``top`` operators by self time (the GPU's on CUDA, else the CPU's) of one call of ``fn``, under
-    torch.profiler: where a workload spends its time (matmul/conv kernels vs elementwise vs launch gaps)."""
+# CUPTI's own bookkeeping, reported as device activity by some torch versions: not work the GPU did
+_PROFILER_MARKERS = frozenset({"Command Buffer Full", "Activity Buffer Request", "Buffer Flush"})
+
+
+def kernel_kind(name: str) -> str:
+    """What a GPU kernel does, from its name: "matmul/conv" (tensor-core GEMMs and convolutions: cuDNN's
+    xmma/implicit-gemm, cuBLAS's nvjet/gemm, attention), "fused (triton)" (inductor's fused elementwise and
+    norm kernels), "copy/layout" (dtype casts, NCHW<->NHWC transposes, memcpy/memset) or "other" (eager
+    elementwise, reductions, depthwise resampling convs...). A heuristic on names, for the profile summary."""
+    n = name.lower()
+    if n.startswith("triton_tem"):
+        return "matmul/conv"  # an inductor matmul template
+    if n.startswith("triton"):
+        return "fused (triton)"  # (its name lists the ops it fused, "convolution" among them: checked first)
+    if any(k in n for k in ("copy", "nchwtonhwc", "nhwctonchw", "memcpy", "memset")):
+        return "copy/layout"
+    if any(k in n for k in ("gemm", "xmma", "nvjet", "cutlass", "flash", "fmha", "attention")):
+        return "matmul/conv"
+    return "other"
+
+
+def profile(fn: Callable[[], Any], device: torch.device, top: int = 15) -> dict[str, Any]:
+    """Where one call of ``fn`` spends its time, under torch.profiler. On CUDA it counts GPU kernels only
+    (not the CPU ops that launch them, which would count each kernel twice, nor CUPTI's bookkeeping):
+    ``busy_fraction`` = kernel time / wall time (near 1: the GPU is the bound; well under 1: launches or the
+    host are), ``by_kind`` the kernel time per :func:`kernel_kind`, ``top`` the ``top`` kernels by time.
+    Elsewhere it counts the CPU's self time per operator, and ``by_kind`` is left out."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with torch_profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         fn()
         if cuda:
             torch.cuda.synchronize(device)
-    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    total = sum(getattr(e, attr) for e in events) or 1.0
-    events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [{"op": e.key, "calls": int(e.count), "self_ms": getattr(e, attr) / 1e3,
-             "share": getattr(e, attr) / total} for e in events[:top]]
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    per_op: dict[str, list[float]] = {}  # name -> [calls, microseconds]
+    for e in prof.events():
+        if cuda:
+            if (e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False)
+                    or getattr(e, "activity_type", "") == "overhead" or e.name in _PROFILER_MARKERS):
+                continue
+            us = e.self_device_time_total
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            entry = per_op.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += us
+    total_us = sum(us for _, us in per_op.values()) or 1.0
+    ranked = sorted(per_op.items(), key=lambda kv: kv[1][1], reverse=True)
+    summary: dict[str, Any] = {
+        "wall_ms": wall_ms, "busy_ms": total_us / 1e3, "busy_fraction": total_us / 1e3 / wall_ms,
+        "top": [{"op": name, "calls": int(calls), "self_ms": us / 1e3, "share": us / total_us}
+                for name, (calls, us) in ranked[:top]],
+    }
+    if cuda:
+        kinds: dict[str, float] = {}
+        for name, (_, us) in per_op.items():
+            kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us / total_us
+        summary["by_kind"] = dict(sorted(kinds.items(), key=lambda kv: kv[1], reverse=True))
+    return summary
 
 
 def _add_profile(figures: dict[str, Any], fn: Callable[[], Any], device: torch.device) -> None:
@@ -397,6 +444,16 @@ def load_resume(path: Path, device_name: str, fast: dict[str, Any],
     return old["workloads"], [str(w) for w in requested]
 
 
+def _profile_line(figures: dict[str, Any]) -> str:
+    prof = figures.get("profile")
+    if prof is None:
+        return str(figures.get("profile_error"))
+    kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof.get("by_kind", {}).items())
+    top = ", ".join(f"{e['op'][:60]} {100 * e['share']:.0f}%" for e in prof["top"][:4])
+    return f"busy {100 * prof['busy_fraction']:.0f}% of {prof['wall_ms']:.1f} ms" + (f"; {kinds}" if kinds else "") \
+        + f"; top: {top}"
+
+
 def _error_entry(w: str, err: BaseException, partial: dict[str, Any]) -> dict[str, Any]:
     """A failed workload: what it measured before failing, the error's first line and the traceback's end."""
     first = (str(err).splitlines() or [""])[0]
@@ -460,8 +517,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"biasamp.bench: {w}: plain {r['plain']['img_per_s']:.1f} img/s, fast {r['fast']['img_per_s']:.1f} "
                   f"img/s ({r['fast_over_plain']:.2f}x)", file=sys.stderr)
             for path in ("plain", "fast") if args.profile else ():
-                top = ", ".join(f"{e['op']} {100 * e['share']:.0f}%" for e in r[path].get("profile", [])[:6])
-                print(f"biasamp.bench: {w} {path} profile: {top or r[path].get('profile_error')}", file=sys.stderr)
+                print(f"biasamp.bench: {w} {path} profile: {_profile_line(r[path])}", file=sys.stderr)
         results[:] = [*(x for x in results if x["workload"] != w), r]  # (the report holds this list)
         if args.out is not None:  # after every workload: a run cut off by a time limit keeps what it measured
             atomic_write_json(args.out, report)
