@@ -96,8 +96,33 @@ def test_fresh_network_output_is_near_zero_and_biases_start_at_zero():
 
 def test_resample_with_the_1_1_filter_is_average_pooling_and_nearest_upsampling():
     x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(Resample(3, "down", (1, 1))(x), F.avg_pool2d(x, 2))
-    torch.testing.assert_close(Resample(3, "up", (1, 1))(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+    block_means = x.reshape(2, 3, 4, 2, 4, 2).mean(dim=(3, 5))
+    repeated = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        xm = x.contiguous(memory_format=memory_format)
+        for mode, expected in (("down", block_means), ("up", repeated)):
+            box = Resample(3, mode, (1, 1))
+            assert box.box
+            torch.testing.assert_close(box(xm), expected)
+            box.box = False  # the depthwise-convolution route computes the same function
+            torch.testing.assert_close(box(xm), expected)
+
+
+def test_resample_with_a_longer_filter_convolves():
+    impulse = torch.zeros(1, 1, 8, 8)
+    impulse[0, 0, 4, 4] = 1.0
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8
+    down = Resample(1, "down", (1, 3, 3, 1))
+    assert not down.box
+    # stride 2, padding 1: output (i, j) covers input rows 2i-1 .. 2i+2, so row 4 is tap 3 of i=1, tap 1 of i=2
+    expected = torch.zeros(4, 4)
+    for i, ti in ((1, 3), (2, 1)):
+        for j, tj in ((1, 3), (2, 1)):
+            expected[i, j] = f[ti] * f[tj]
+    torch.testing.assert_close(down(impulse)[0, 0], expected)
+    up = Resample(1, "up", (1, 3, 3, 1))
+    ones = torch.ones(1, 1, 4, 4)
+    assert torch.allclose(up(ones)[0, 0, 1:-1, 1:-1], torch.ones(6, 6))  # gain 4: a constant stays constant inside
 
 
 def test_unet_block_and_attention_follow_the_written_formulas():
