@@ -266,7 +266,8 @@ def profile(fn: Callable[[], Any], device: torch.device, top: int = 15) -> dict[
     if cuda:
         kinds: dict[str, float] = {}
         for name, (_, us) in per_op.items():
-            kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us / total_us
+            kind = kernel_kind(name)
+            kinds[kind] = kinds.get(kind, 0.0) + us / total_us
         summary["by_kind"] = dict(sorted(kinds.items(), key=lambda kv: kv[1], reverse=True))
     return summary
 
