@@ -20,9 +20,9 @@ from hydra import compose, initialize_config_dir
 from scipy.stats import binomtest
 
 from biasamp.analysis import plots, tables
+from biasamp.atomic import atomic_write_json
 from biasamp.counting.files import counts_table, update_results, write_counts
 from biasamp.counting.state import CountState
-from biasamp.io import atomic_write_json
 from tests.conftest import CONF_DIR
 
 N_PER_CLASS = 50

@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from biasamp.io import atomic_write_json
+from biasamp.atomic import atomic_write_json
 from biasamp.models import EDMLoss, build_denoiser, one_hot
 from biasamp.sampling import IndexNoise, apply_guidance, guided_denoiser, sample
 from biasamp.speed import autocast, device_type, fast_denoiser, resolve_precision, resolve_switch

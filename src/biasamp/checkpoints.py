@@ -9,11 +9,15 @@ checkpoint cannot run code.
 
 from __future__ import annotations
 
+import math
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from biasamp.errors import UsageError
 from biasamp.models import EDMPrecond, build_denoiser
 
 FORMAT_VERSION = 1
@@ -24,32 +28,48 @@ REQUIRED_METADATA = ("config", "label_dim", "img_resolution", "in_channels", "cl
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a biasamp checkpoint (weights only) onto the CPU.
 
-    Raises FileNotFoundError for a missing file and ValueError, with one line, for a corrupt or foreign one.
+    Raises UsageError, with one line, for a missing, corrupt or foreign file, and for one that holds pickled
+    Python objects (code), which is refused and never loaded.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise UsageError(f"checkpoint {path} does not exist; give a checkpoint file or a run folder "
+                         "(runs/train/<run>)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise UsageError(f"checkpoint {path} holds pickled Python objects (code), not just weights and plain "
+                         "data; biasamp refuses to load such a file for safety: use a checkpoint written by "
+                         "biasamp.train") from err
     except Exception as err:  # torch raises many types for truncated or foreign files
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"checkpoint {path} could not be read ({reason}); "
+        raise UsageError(f"checkpoint {path} could not be read ({reason}); "
                          "it may be truncated or not a biasamp checkpoint") from err
     if not isinstance(ckpt, dict) or "biasamp_format" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a biasamp training checkpoint (no 'biasamp_format' entry)")
+        raise UsageError(f"checkpoint {path} is not a biasamp training checkpoint (no 'biasamp_format' entry)")
     missing = [k for k in REQUIRED_METADATA if k not in ckpt.get("hyper_parameters", {})]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks metadata {missing}; it cannot be used without its config")
+        raise UsageError(f"checkpoint {path} lacks metadata {missing}; it cannot be used without its config")
     return ckpt
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The checkpoint with the most images seen in ``ckpt_dir`` (kept ones win ties with the snapshot)."""
+    """The readable checkpoint with the most images seen in ``ckpt_dir`` (kept ones win ties with the
+    snapshot). A file that cannot be read (truncated by a crash, corrupt) is skipped with a warning naming it,
+    so it never blocks the good ones beside it."""
     ckpt_dir = Path(ckpt_dir)
     candidates = sorted(p for p in ckpt_dir.glob("*.ckpt") if p.is_file()) if ckpt_dir.is_dir() else []
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (int(load_checkpoint(p)["n_img"]), p.name != "snapshot.ckpt"))
+    best: tuple[tuple[int, bool], Path] | None = None
+    for path in candidates:
+        try:
+            n_img = int(load_checkpoint(path)["n_img"])
+        except UsageError as err:
+            warnings.warn(f"skipping unreadable checkpoint {path}: {err}", stacklevel=2)
+            continue
+        key = (n_img, path.name != "snapshot.ckpt")
+        if best is None or key > best[0]:
+            best = (key, path)
+    return None if best is None else best[1]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -60,21 +80,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
         folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         found = latest_checkpoint(folder)
         if found is None:
-            raise FileNotFoundError(f"checkpoint={path}: a folder without checkpoints (*.ckpt)")
+            raise UsageError(f"checkpoint={path}: a folder without readable checkpoints (*.ckpt)")
         return found
     return path
 
 
+def target_img(config: dict[str, Any]) -> int:
+    """Images a run must see to be finished: ``trainer.max_steps`` steps when set, else ``total_kimg``, in
+    whole global batches of ``batch_size``."""
+    batch = int(config["batch_size"])
+    max_steps = (config.get("trainer") or {}).get("max_steps")
+    if max_steps is None or max_steps == -1:
+        max_steps = math.ceil(float(config["total_kimg"]) * 1000 / batch)
+    return int(max_steps) * batch
+
+
 def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The run's metadata: hyper-parameters plus ``n_img``."""
-    return {**ckpt["hyper_parameters"], "n_img": int(ckpt["n_img"])}
+    """The run's metadata: hyper-parameters plus ``n_img``, ``target_img``, ``finished`` (n_img reached the
+    run's target) and ``label_dropout`` (the probability of training with the null label; 0: no
+    unconditional model, so no guidance)."""
+    hp = ckpt["hyper_parameters"]
+    config = hp["config"]
+    n_img = int(ckpt["n_img"])
+    target = int(hp.get("target_img") or target_img(config))
+    dropout = hp.get("label_dropout", ((config.get("model") or {}).get("net") or {}).get("label_dropout", 0.0))
+    return {**hp, "n_img": n_img, "target_img": target, "finished": n_img >= target,
+            "label_dropout": float(dropout or 0.0)}
 
 
 def ema_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The EMA denoiser's weights (keys as in ``EDMPrecond.state_dict()``)."""
     state = {k[len(EMA_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(EMA_PREFIX)}
     if not state:
-        raise ValueError("checkpoint holds no EMA weights (no 'ema.module.*' entries in its state dict)")
+        raise UsageError("checkpoint holds no EMA weights (no 'ema.module.*' entries in its state dict)")
     return state
 
 

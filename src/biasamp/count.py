@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 import biasamp
 from biasamp.analysis import rho_model_from_counts
+from biasamp.atomic import atomic_write_bytes, atomic_write_json
 from biasamp.checkpoints import load_denoiser, resolve_checkpoint
 from biasamp.counting.files import counts_table, sha256_file, update_results, write_counts, write_matrices
 from biasamp.counting.job import CountSetup, Row, grid_images, run_rows
 from biasamp.counting.state import CountState
-from biasamp.io import atomic_write_bytes, atomic_write_json
 from biasamp.launch import ddp_job, prepare_relaunch
 from biasamp.oracles import CLASS_PRED, build_oracle, with_class_prediction
 from biasamp.sampling import check_sampler_config
@@ -487,7 +487,7 @@ def _save_grid(setup: CountSetup, rows: list[Row], per_row: int, path: Path) -> 
     atomic_write_bytes(path, buf.getvalue())
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="count")
+@hydra.main(version_base="1.3", config_path="conf", config_name="count")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

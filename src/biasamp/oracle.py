@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from biasamp.atomic import atomic_write_json
 from biasamp.data import build_dataset
 from biasamp.data.stream import to_model_range
-from biasamp.io import atomic_write_json
 from biasamp.oracles.classifier import ARCHS, ORACLE_FORMAT, build_classifier, prepare_images
 
 ATTRIBUTES = ("bias", "target")
@@ -308,7 +308,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="oracle_train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="oracle_train")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

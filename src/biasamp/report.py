@@ -40,7 +40,7 @@ from biasamp.analysis.tables import (
     swept_keys,
     write_tables,
 )
-from biasamp.io import atomic_write_json
+from biasamp.atomic import atomic_write_json
 
 MANIFEST = "report.json"
 
@@ -200,7 +200,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

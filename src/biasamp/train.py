@@ -20,10 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from biasamp.atomic import atomic_write_json, atomic_write_text
 from biasamp.checkpoints import load_checkpoint
 from biasamp.data import build_dataset
 from biasamp.data.datamodule import InMemoryDataModule
-from biasamp.io import atomic_write_json, atomic_write_text
 from biasamp.launch import ddp_job, is_child_rank, prepare_relaunch
 from biasamp.models import build_denoiser
 from biasamp.speed import device_type, train_speed
@@ -233,7 +233,7 @@ def _summary(trainer: L.Trainer, module: DiffusionModule, run_dir: Path) -> dict
     }
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

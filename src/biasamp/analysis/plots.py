@@ -32,7 +32,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from matplotlib.transforms import offset_copy
 
 from biasamp.analysis.tables import METHOD_NAMES, swept_keys
-from biasamp.io import atomic_write_bytes
+from biasamp.atomic import atomic_write_bytes
 
 FIGURE_FORMATS = ("png", "pdf", "svg")
 MAX_LINES = 8

@@ -31,7 +31,7 @@ import pandas as pd
 
 from biasamp.analysis.estimates import per_class_rho
 from biasamp.analysis.intervals import check_level, check_method, proportion_interval
-from biasamp.io import atomic_write_text
+from biasamp.atomic import atomic_write_text
 
 REQUIRED_COLUMNS = ("job_dir", "run", "rho_data", "sampler.name", "guidance", "n", "n_aligned")
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)

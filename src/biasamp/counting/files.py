@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from biasamp.atomic import atomic_write_text
 from biasamp.counting.state import CountState
-from biasamp.io import atomic_write_text
 
 UNCOND = "uncond"
 

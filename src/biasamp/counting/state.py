@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from biasamp.io import atomic_write_json
+from biasamp.atomic import atomic_write_json
 
 STATE_NAME = "state.json"
 

@@ -1,0 +1,88 @@
+"""What every app does around its one library call: bad input as one line and exit 2, the CPU thread count,
+and no folder left behind by a refused start.
+
+An app's ``main`` is ``run_app("train", lambda: train_run(cfg), folder)``: a :class:`~biasamp.errors.UsageError`
+becomes ``biasamp.<app>: error: <message>`` on stderr and exit status 2; every other exception keeps its
+traceback (exit status 1). When the app was refused, the output folder Hydra made for it is removed again if
+it holds nothing (so a bad value never leaves a folder named after it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from biasamp.errors import UsageError, one_line
+
+T = TypeVar("T")
+
+
+def fail(app: str, message: str, status: int = 2) -> None:
+    """Print ``biasamp.<app>: error: <message>`` (one line) on stderr and exit."""
+    print(f"biasamp.{app}: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(status)
+
+
+def remove_empty_folders(folder: Path, stop: Path | None = None) -> None:
+    """Remove ``folder`` and then its parents while they are empty, up to (not including) ``stop`` (default: the
+    working directory). Never removes a folder that holds anything."""
+    folder, stop = Path(folder).resolve(), Path(stop or Path.cwd()).resolve()
+    while folder != stop and folder.is_relative_to(stop) and folder.is_dir():
+        try:
+            folder.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def run_app(app: str, work: Callable[[], T], folder: Path | None = None) -> T:
+    """Run ``work``; on a UsageError print one line, remove ``folder`` if it is (still) empty, exit 2."""
+    try:
+        return work()
+    except UsageError as err:
+        if folder is not None:
+            remove_empty_folders(folder)
+        fail(app, str(err))
+        raise AssertionError("unreachable") from None  # fail() exits
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which container and SLURM limits set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def auto_threads() -> int:
+    """Cores this process may use that other processes are not already busy on: the affinity mask's size minus
+    the 1-minute load average (rounded), at least 1 and at most 8. torch's default (every core) slows a run
+    many times over when the cores are shared, because its threads spin waiting for each other."""
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(available_cores() - busy, 8))
+
+
+def cpu_threads(value: object, key: str = "threads") -> int:
+    """The torch intra-op thread count for a CPU run: ``auto`` (:func:`auto_threads`) or a positive integer.
+    Raises UsageError otherwise."""
+    if value == "auto":
+        return auto_threads()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{key}={value!r} is not allowed: a positive integer, or auto (the cores not busy "
+                         f"with other processes, at most 8; here {auto_threads()})")
+    return int(value)
+
+
+def set_cpu_threads(value: object, key: str = "threads") -> int:
+    """Set torch's intra-op threads for a CPU run (see :func:`cpu_threads`); returns the number set."""
+    import torch
+
+    n = cpu_threads(value, key)
+    torch.set_num_threads(n)
+    return n
