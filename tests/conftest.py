@@ -54,6 +54,13 @@ def run_count(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comp
     return run_app("count", args, cwd, timeout)
 
 
+def run_folder(runs: Path, readable: str) -> Path:
+    """The one training run folder ``<readable>-<identity hash>`` under ``<runs>/train``."""
+    found = sorted((Path(runs) / "train").glob(f"{readable}-*"))
+    assert len(found) == 1, f"expected one run folder {readable}-<hash> under {runs}/train, found {found}"
+    return found[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-class (digits 0 and 1) tiny model trained for a few steps on the embedded Biased MNIST."""
@@ -61,5 +68,5 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     proc = run_train(["experiment=quickstart", "batch_size=32",
                       "trainer.max_steps=20", "name=tiny2"], cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (ckpt,) = sorted((cwd / "runs" / "train" / "tiny2" / "checkpoints").glob("ckpt-*.ckpt"))
+    (ckpt,) = sorted((run_folder(cwd / "runs", "tiny2") / "checkpoints").glob("ckpt-*.ckpt"))
     return ckpt

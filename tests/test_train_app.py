@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 
 from biasamp.checkpoints import ema_state_dict, load_checkpoint, load_denoiser
 from biasamp.data import build_dataset
+from biasamp.errors import UsageError
 from biasamp.models import build_denoiser
-from tests.conftest import CONF_DIR, compose_train, run_train
+from tests.conftest import CONF_DIR, compose_train, run_folder, run_train
 
 QUICK = ["experiment=quickstart", "batch_size=16", "log_every_n_steps=2", "ema_loss_every_n_steps=2"]
 
@@ -77,7 +78,7 @@ def test_unknown_group_options_are_refused():
 
 
 def test_setup_stops_bad_data_before_training(tmp_path):
-    from biasamp.train import setup
+    from biasamp.training.fit import setup
 
     cases = [
         (["dataset.classes_to_use=[0,12]"], "12"),
@@ -88,7 +89,7 @@ def test_setup_stops_bad_data_before_training(tmp_path):
     ]
     for overrides, needle in cases:
         cfg = compose_train(overrides, run_dir=tmp_path / "run")
-        with pytest.raises((ValueError, FileNotFoundError)) as err:
+        with pytest.raises(UsageError) as err:
             setup(cfg, tmp_path / "run")
         assert needle in str(err.value), (overrides, str(err.value))
         assert not (tmp_path / "run" / "checkpoints").exists()
@@ -99,8 +100,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     proc = run_train(["rho=1.5", *QUICK], cwd=tmp_path)
     assert proc.returncode == 2
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert err_lines == ["biasamp.train: error: rho=1.5 is not allowed: rho must be in [0, 1] "
-                         "(a float, or one per class)"]
+    assert err_lines == ["biasamp.train: error: rho=1.5 is not allowed: a number in [0, 1], one per class, or "
+                         "null (Waterbirds and BFFHQ: keep the split as it is)"]
+    assert not (tmp_path / "runs").exists()  # a refused start leaves no folder
     proc = run_train(["dataset=waterbirds", "rho=0.95"], cwd=tmp_path)
     assert proc.returncode == 2
     assert "waterbird_complete95_forest2water2/metadata.csv" in proc.stderr
@@ -113,12 +115,12 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     args = [*QUICK, "trainer.max_steps=8", "callbacks.checkpoint.ckpt_every_kimg=0.064"]
     full = run_train(args, cwd=tmp_path / "a")
     assert full.returncode == 0, full.stderr[-3000:]
-    run_a = tmp_path / "a" / "runs" / "train" / "quickstart_rho0.9_seed0"
+    run_a = run_folder(tmp_path / "a" / "runs", "quickstart_rho0.9_seed0")
     assert [p.name for p in _ckpts(run_a)] == ["ckpt-0000000064.ckpt", "ckpt-0000000128.ckpt"]
 
     part = run_train(args, cwd=tmp_path / "b")
     assert part.returncode == 0, part.stderr[-3000:]
-    run_b = tmp_path / "b" / "runs" / "train" / "quickstart_rho0.9_seed0"
+    run_b = run_folder(tmp_path / "b" / "runs", "quickstart_rho0.9_seed0")
     (run_b / "checkpoints" / "ckpt-0000000128.ckpt").unlink()  # as if killed after step 4
     # a new run into a folder with checkpoints is refused, nothing is overwritten
     again = run_train(args, cwd=tmp_path / "b")
@@ -160,7 +162,8 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     # ... and so is one trained on other data (a setting the run name does not show)
     other = run_train([*args, "dataset.class_size=100", f"ckpt_path={first}", "name=other2"], cwd=tmp_path / "c")
     assert other.returncode == 2
-    assert "dataset.class_size=None, this run has 100" in other.stderr and "Traceback" not in other.stderr
+    assert "dataset.class_size is None in the checkpoint but 100 in this run" in other.stderr
+    assert "Traceback" not in other.stderr
 
     metrics = (run_a / "logs" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
@@ -172,9 +175,8 @@ def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
 def test_multirun_gives_one_folder_per_rho(tmp_path):
     proc = run_train(["-m", "rho=0.9,0.99", *QUICK, "trainer.max_steps=2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    root = tmp_path / "runs" / "train"
     for rho in (0.9, 0.99):
-        run = root / f"quickstart_rho{rho}_seed0"
+        run = run_folder(tmp_path / "runs", f"quickstart_rho{rho}_seed0")
         recorded = yaml.safe_load((run / "run.yaml").read_text())
         assert recorded["rho_data"] == pytest.approx(rho, abs=1e-9)
         assert recorded["data"]["n_aligned"] == 2 * int(400 * rho + 1e-9)
@@ -182,11 +184,11 @@ def test_multirun_gives_one_folder_per_rho(tmp_path):
 
 
 def test_ddp_static_graph_only_without_accumulation(tmp_path):
-    from biasamp.train import setup
+    from biasamp.training.fit import setup
 
     base = [*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
     for extra, static in (([], True), (["batch_gpu=4"], False)):  # 16 = 4 x 2 devices x 2 accumulation rounds
-        trainer = setup(compose_train([*base, *extra], run_dir=tmp_path / "run"), tmp_path / "run")[0]
+        trainer = setup(compose_train([*base, *extra], run_dir=tmp_path / "run"), tmp_path / "run").trainer
         assert trainer.strategy._ddp_kwargs["static_graph"] is static, extra
 
 
@@ -195,7 +197,7 @@ def test_ddp_with_accumulation_on_cpu(tmp_path):
     proc = run_train([*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "batch_gpu=4",
                       "trainer.precision=32-true", "trainer.max_steps=2"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "train" / "quickstart_rho0.9_seed0" / "train_summary.json").read_text())
+    summary = json.loads((run_folder(tmp_path / "runs", "quickstart_rho0.9_seed0") / "train_summary.json").read_text())
     assert summary["n_img"] == 2 * 16
     r0, r1 = summary["ranks"]
     assert r0["weights_sum"] == r1["weights_sum"]  # the gradients were all-reduced
@@ -205,7 +207,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     proc = run_train([*QUICK, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=3"],
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "runs" / "train" / "quickstart_rho0.9_seed0"
+    run = run_folder(tmp_path / "runs", "quickstart_rho0.9_seed0")
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["n_img"] == 3 * 16  # the global batch of 16 = 8 per rank, both ranks counted

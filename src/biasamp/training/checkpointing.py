@@ -1,15 +1,18 @@
-"""Checkpoints: kept ones every ``ckpt_every_kimg``, a snapshot overwritten every ``snapshot_every_min``,
-atomic writes, and finding the checkpoint to resume from.
+"""Checkpoints: kept ones every ``ckpt_every_kimg``, a snapshot every ``snapshot_every_min`` and when the run is
+asked to stop (SIGTERM, SIGINT), durable writes, and finding the checkpoint to resume from.
 
 Files in ``<run_dir>/checkpoints/``:
-- ``ckpt-<n_img:010d>.ckpt``: kept, one per ``ckpt_every_kimg`` and one at the end of training;
-- ``snapshot.ckpt``: the most recent time-based snapshot, overwritten.
-Every file is written to ``<name>.tmp`` and renamed, so a crash never leaves a half-written checkpoint.
+- ``ckpt-<n_img:010d>.ckpt``: kept, one per ``ckpt_every_kimg``, and one when the run reaches its target;
+- ``snapshot.ckpt``: the most recent snapshot, overwritten: every few minutes, on a stop signal, and when a run
+  ends before its target (``trainer.max_time``).
+Every file is written to ``<name>.tmp``, flushed to disk (fsync), renamed, and the folder fsynced, so a crash or
+power loss never leaves a half-written checkpoint under a real name; a stale ``.tmp`` is removed at start.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import lightning as L
 from biasamp.checkpoints import latest_checkpoint
 
 SNAPSHOT_NAME = "snapshot.ckpt"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def kept_name(n_img: int) -> str:
@@ -27,29 +31,61 @@ def kept_name(n_img: int) -> str:
 
 
 def find_resume_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: the one with the most images seen in ``ckpt_dir``, or None."""
+    """The checkpoint to resume from: the readable one with the most images seen in ``ckpt_dir``, or None."""
     return latest_checkpoint(ckpt_dir)
 
 
-class CheckpointCallback(L.Callback):
-    """Writes kept checkpoints every ``ckpt_every_kimg`` and a snapshot every ``snapshot_every_min``.
+def remove_stale_temporaries(ckpt_dir: str | Path) -> list[Path]:
+    """Delete ``*.tmp`` files a killed write left in ``ckpt_dir``; returns them."""
+    ckpt_dir = Path(ckpt_dir)
+    stale = sorted(ckpt_dir.glob("*.tmp")) if ckpt_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
-    All ranks call ``trainer.save_checkpoint`` together (it is collective under DDP); rank 0 writes the
-    file and renames it into place. The time-based decision is taken on rank 0 and broadcast, so every
-    rank agrees on it.
+
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointCallback(L.Callback):
+    """Writes kept checkpoints every ``ckpt_every_kimg``, a snapshot every ``snapshot_every_min``, and a snapshot
+    then a clean stop when the process gets SIGTERM or SIGINT (``stop_signal`` records which).
+
+    All ranks call ``trainer.save_checkpoint`` together (it is collective under DDP); rank 0 writes the file and
+    renames it into place. The time-based and the stop decisions are taken on rank 0 and broadcast, so every rank
+    agrees on them. Both happen only between optimizer steps, so a snapshot is an exact point to continue from.
     """
 
     def __init__(self, dirpath: str | Path, ckpt_every_kimg: float, snapshot_every_min: float) -> None:
-        if ckpt_every_kimg <= 0:
-            raise ValueError(f"callbacks.checkpoint.ckpt_every_kimg must be > 0, got {ckpt_every_kimg}")
-        if snapshot_every_min <= 0:
-            raise ValueError(f"callbacks.checkpoint.snapshot_every_min must be > 0, got {snapshot_every_min}")
         self.dirpath = Path(dirpath)
         self.ckpt_every_img = int(round(ckpt_every_kimg * 1000))
         self.snapshot_every_s = snapshot_every_min * 60.0
         self._last_snapshot = time.monotonic()
         self._last_kept_n_img: int | None = None
+        self._pending_signal: int | None = None
+        self.stop_signal: int | None = None  # the signal that stopped training, after fit
+        self._previous_handlers: dict[int, Any] = {}
 
+    # ---------------------------------------------------------------- signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._pending_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C: stop now, without the snapshot
+        self._pending_signal = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_snapshot = time.monotonic()
+        self._pending_signal = self.stop_signal = None
+        # replaces Lightning's own SIGTERM handler for the time of fit (Lightning restores the earlier ones after)
+        for signum in STOP_SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    # ---------------------------------------------------------------- writing
     def _save(self, trainer: L.Trainer, name: str, n_img: int) -> None:
         final = self.dirpath / name
         tmp = final.with_name(final.name + ".tmp")
@@ -57,13 +93,12 @@ class CheckpointCallback(L.Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
+            fsync_path(tmp)
             os.replace(tmp, final)
+            fsync_path(self.dirpath)
         trainer.strategy.barrier("biasamp_checkpoint")
         if name != SNAPSHOT_NAME:
             self._last_kept_n_img = n_img
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_snapshot = time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if getattr(pl_module, "_micro_in_step", 0) != 0:
@@ -74,13 +109,21 @@ class CheckpointCallback(L.Callback):
         if n_img // self.ckpt_every_img > (n_img - batch_total) // self.ckpt_every_img:
             self._save(trainer, kept_name(n_img), n_img)
         due = time.monotonic() - self._last_snapshot >= self.snapshot_every_s
+        stop = self._pending_signal or 0
         if trainer.world_size > 1:
-            due = bool(trainer.strategy.broadcast(due, src=0))
-        if due:
+            due, stop = trainer.strategy.broadcast((bool(due), int(stop)), src=0)
+        if stop and n_img < int(pl_module.total_img):
+            self._save(trainer, SNAPSHOT_NAME, n_img)
+            self.stop_signal = int(stop)
+            trainer.should_stop = True
+        elif due:
             self._save(trainer, SNAPSHOT_NAME, n_img)
             self._last_snapshot = time.monotonic()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         n_img = int(pl_module.n_img)
-        if self._last_kept_n_img != n_img and n_img > 0:  # the final state is always kept
-            self._save(trainer, kept_name(n_img), n_img)
+        if n_img >= int(pl_module.total_img):  # the final state is always kept
+            if self._last_kept_n_img != n_img:
+                self._save(trainer, kept_name(n_img), n_img)
+        elif self.stop_signal is None and n_img > 0:  # ended early (max_time): a snapshot to continue from
+            self._save(trainer, SNAPSHOT_NAME, n_img)
