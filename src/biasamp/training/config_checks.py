@@ -235,10 +235,8 @@ def check_resolution(cfg: Mapping[str, Any]) -> None:
 
 def check_train_config(cfg: Mapping[str, Any]) -> None:
     """Check everything that can be checked before data or models are built (UsageError on the first problem)."""
-    import biasamp.models
+    from biasamp.models import check_loss_config
     from biasamp.speed import check_train_speed
-
-    check_loss_config = getattr(biasamp.models, "check_loss_config", lambda c: None)  # TEMP until models has it
 
     _unknown_keys("", {k: None for k in cfg}, TOP_KEYS)
     if cfg.get("name") is not None:
