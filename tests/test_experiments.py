@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def test_smoke_paper_targets_run_end_to_end(tmp_path):
         if target == "paper-multicolor":
             check_multicolor(sweep, results)
         if target == "paper-steps":  # the rho 0.9 model of paper-bmnist is reused, not trained again
-            assert "paper_bmnist_rho0.9_seed0 is already finished" in proc.stdout
+            assert re.search(r"paper_bmnist_rho0.9_seed0-[0-9a-f]{8} is already finished", proc.stdout)
 
 
 def check_multicolor(sweep: Path, results: pd.DataFrame) -> None:

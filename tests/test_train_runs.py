@@ -62,7 +62,7 @@ def test_multirun_over_loss_weighting_gives_two_finished_runs(tmp_path):
     args = ["-m", *QUICK, "loss.weighting=edm,debias", "trainer.max_steps=3", "resume=auto"]
     first = run_train(args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    runs = sorted(p for p in (tmp_path / "runs" / "train").iterdir() if p.is_dir())
+    runs = sorted(p for p in (tmp_path / "runs" / "train").iterdir() if p.is_dir() and not p.is_symlink())
     assert len(runs) == 2
     ckpts = [load_checkpoint(next((r / "checkpoints").glob("ckpt-*.ckpt"))) for r in runs]
     assert {c["hyper_parameters"]["config"]["loss"]["weighting"] for c in ckpts} == {"edm", "debias"}
@@ -93,7 +93,18 @@ def test_allow_listed_changes_resume_the_same_run(tmp_path):
     proc = run_train([*args, "resume=auto", "log_every_n_steps=1", "logger=none"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming from" in proc.stdout and "ckpt-0000000032.ckpt" in proc.stdout
-    assert len(list((tmp_path / "runs" / "train").iterdir())) == 1
+    assert len(list((tmp_path / "runs" / "train").iterdir())) == 2  # the run and its readable link
+    assert (tmp_path / "runs" / "train" / "quickstart_rho0.9_seed0").resolve() == run
+
+
+def test_the_readable_link_points_at_the_run_started_last(tmp_path):
+    for lr in ("1e-3", "1e-4", "1e-3"):
+        assert run_train([*QUICK, "trainer.max_steps=1", f"optimizer.lr={lr}", "resume=auto"],
+                         cwd=tmp_path).returncode == 0
+        link = tmp_path / "runs" / "train" / "quickstart_rho0.9_seed0"
+        assert link.is_symlink()
+        assert load_checkpoint(next((link / "checkpoints").glob("*.ckpt")))["hyper_parameters"]["config"][
+            "optimizer"]["lr"] == float(lr)
 
 
 # ---------------------------------------------------------------------------------------------- lock

@@ -33,7 +33,14 @@ from biasamp.training.checkpointing import CheckpointCallback, find_resume_check
 from biasamp.training.config_checks import batch_layout, check_train_config
 from biasamp.training.logging import METRICS_CSV, keep_rows_until
 from biasamp.training.module import DiffusionModule
-from biasamp.training.runs import TrainSummary, plain_settings, train_identity, write_run_yaml
+from biasamp.training.runs import (
+    TrainSummary,
+    plain_settings,
+    point_latest_link,
+    readable_name,
+    train_identity,
+    write_run_yaml,
+)
 
 # the EMA copy is a frozen submodule kept in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -219,6 +226,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         set_cpu_threads(cfg.get("threads", "auto"), "threads")
     s = setup(cfg, run_dir)
     trainer, module = s.trainer, s.module
+    if trainer.is_global_zero:  # runs/train/<readable> -> this run (setup found no fault in its config)
+        point_latest_link(run_dir, readable_name(plain_settings(cfg)))
     target = trainer.max_steps * module.batch_total
     if s.resume_from is not None and s.resumed_n_img >= target:
         # finished: touch nothing (counts keep their checkpoint's sha256)

@@ -11,11 +11,14 @@ micro-batch) but not the experiment; a run may be resumed on other devices, and 
 to an uninterrupted one.
 
 Folder: ``<paths.output_dir>/train/<readable>-<hash>``, readable = ``name`` when given, else
-``<dataset>_<model>_rho<dataset rho>_seed<seed>``.
+``<dataset>_<model>_rho<dataset rho>_seed<seed>``. Beside it, the link ``<readable>`` points at the run of that
+readable name started (or resumed, or found finished) last, so ``checkpoint=runs/train/quickstart_rho0.9_seed0``
+names the run a script or a user just trained; the count app records the real folder and the checkpoint's sha256.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,6 +100,20 @@ def _folder_resolver(*, _root_: DictConfig) -> str:
 
 
 OmegaConf.register_new_resolver("biasamp_run_folder", _folder_resolver, replace=True)
+
+
+def point_latest_link(run_dir: Path, readable: str) -> Path | None:
+    """Make ``<run_dir's parent>/<readable>`` a symbolic link to ``run_dir`` (replaced atomically). A real folder
+    of that name (from an older biasamp) is left alone; returns the link, or None."""
+    run_dir = Path(run_dir)
+    link = run_dir.parent / readable
+    if link.name == run_dir.name or (link.exists() and not link.is_symlink()):
+        return None
+    tmp = run_dir.parent / f".{readable}.link.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run_dir.name, tmp)
+    os.replace(tmp, link)
+    return link
 
 
 # ------------------------------------------------------------------------------------------- run.yaml
