@@ -1,0 +1,88 @@
+"""Every bad input to every app: one line on stderr naming the key or file, exit status 2, no folder written.
+
+The apps' ``main`` functions run in this process, exactly as ``python -m biasamp.<app> <args>`` runs them
+(Hydra reads the same argv), in an empty working folder; a few cases run as real subprocesses elsewhere
+(tests/test_train_app.py, tests/test_count.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import pytest
+import torch
+
+NO_CUDA = not torch.cuda.is_available()
+QUICK = ["experiment=quickstart"]
+
+# (app, arguments, a piece of the one line) — the arguments are what a user types after python -m biasamp.<app>
+TRAIN = [
+    (["rho=1.5"], "rho=1.5"),
+    (["rho=abc"], "rho='abc'"),
+    (["dataset=biased_mnist", "rho=null", *QUICK], "rho"),
+    (["seed=-1"], "seed=-1"),
+    (["batch_size=0"], "batch_size=0"),
+    (["batch_size=64", "batch_gpu=24"], "batch_gpu"),
+    (["total_kimg=0"], "total_kimg=0"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1"),
+    (["optimizer.betas=[1.5,0.999]"], "optimizer.betas"),
+    (["optimizer._target_=torch.optim.Adamm"], "torch.optim.Adamm"),
+    (["+optimizer.momentumm=0.9"], "optimizer.momentumm"),
+    (["loss.weighting=foo"], "loss.weighting"),
+    (["loss.P_std=-1"], "loss.P_std"),
+    (["loss.p2_gamma=-3"], "loss.p2_gamma"),
+    (["+loss.foo=1"], "loss.foo"),
+    (["ema.halflife_kimg=0"], "ema.halflife_kimg=0"),
+    (["callbacks.checkpoint.ckpt_every_kimg=0"], "callbacks.checkpoint.ckpt_every_kimg=0"),
+    (["+trainer.foo=1"], "trainer.foo"),
+    (["+foo=1"], "foo"),
+    (["trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
+    (["trainer.precision=bf16-true"], "trainer.precision=bf16-true"),
+    (["trainer.devices=0"], "trainer.devices=0"),
+    (["resume=yes"], "resume='yes'"),
+    (["resume=auto", "ckpt_path=x.ckpt"], "not both"),
+    (["ckpt_path=/nonexistent/x.ckpt"], "ckpt_path=/nonexistent/x.ckpt"),
+    (["name="], "name="),
+    (["name=../../escape"], "name='../../escape'"),
+    (["name=.hidden"], "name='.hidden'"),
+    (["threads=0"], "threads=0"),
+    (["model.net.label_dropout=1.5"], "model.net.label_dropout=1.5"),
+    (["model.net.model_channels=0", *QUICK], "model_channels"),
+    (["dataset.classes_to_use=[0,12]", *QUICK], "12"),
+    (["dataset.class_size=100000", *QUICK], "class_size"),
+    (["dataset=waterbirds", "rho=0.95"], "experiment=paper_waterbirds"),
+    (["experiment=paper_waterbirds", "paths.data_dir=/nonexistent"], "metadata.csv"),
+    (["dataset.source=torchvision", "paths.data_dir=/nonexistent", *QUICK], "train-images-idx3-ubyte"),
+    (["speed.compile=maybe"], "speed.compile"),
+    (["log_every_n_steps=0"], "log_every_n_steps=0"),
+]
+if NO_CUDA:
+    TRAIN += [(["trainer=gpu"], "no CUDA GPU"), (["trainer.accelerator=gpu"], "no CUDA GPU")]
+
+CASES = [("train", args, needle) for args, needle in TRAIN]
+
+
+def _ids(case: tuple[str, list[str], str]) -> str:
+    return f"{case[0]}:{' '.join(case[1])}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_no_folder(case, tmp_path, monkeypatch, capsys):
+    app, args, needle = case
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIASAMP_OUTPUT_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(sys, "argv", [f"biasamp.{app}", *args])
+    main = importlib.import_module(f"biasamp.{app}").main
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert exit_.value.code == 2, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"biasamp.{app}: error: "), err[-3000:]
+    assert needle in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == [], sorted(tmp_path.rglob("*"))  # no run folder, no Hydra outputs/
+
+
+def test_the_table_covers_at_least_forty_cases():
+    assert len(CASES) >= 40
