@@ -23,6 +23,29 @@ from biasamp.models import EDMPrecond, build_denoiser
 FORMAT_VERSION = 1
 EMA_PREFIX = "ema.module."
 REQUIRED_METADATA = ("config", "label_dim", "img_resolution", "in_channels", "class_names", "bias_names", "rho_data")
+# written since runs have an identity (older checkpoints lack them: metadata() derives them from the config)
+RUN_METADATA = ("identity", "target_img", "label_dropout", "data")
+
+
+def checkpoint_metadata(config: dict[str, Any], identity: dict[str, Any], target_img: int, dataset: Any
+                        ) -> dict[str, Any]:
+    """The hyper-parameters a training run stores in every checkpoint (and in run.yaml): the resolved ``config``,
+    the run's flat ``identity``, its ``target_img``, the ``label_dropout`` it trained with (0: no unconditional
+    model), the dataset's ``summary()`` as ``data``, and what rebuilding the network and reading counts needs."""
+    dropout = ((config.get("model") or {}).get("net") or {}).get("label_dropout", 0.0)
+    return {
+        "config": config,
+        "identity": identity,
+        "target_img": int(target_img),
+        "label_dropout": float(dropout or 0.0),
+        "data": dataset.summary(),
+        "label_dim": dataset.num_classes,
+        "img_resolution": dataset.img_resolution,
+        "in_channels": dataset.in_channels,
+        "class_names": list(dataset.class_names),
+        "bias_names": list(dataset.bias_names),
+        "rho_data": float(dataset.rho_effective),
+    }
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

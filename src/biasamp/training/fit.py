@@ -8,7 +8,6 @@ train_summary.json. A run stopped by SIGTERM/SIGINT leaves a snapshot at a step 
 
 from __future__ import annotations
 
-import math
 import signal
 import warnings
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from biasamp.apps import set_cpu_threads
-from biasamp.checkpoints import load_checkpoint
+from biasamp.checkpoints import checkpoint_metadata, load_checkpoint, target_img
 from biasamp.data import build_dataset
 from biasamp.data.datamodule import InMemoryDataModule
 from biasamp.errors import UsageError
@@ -60,13 +59,6 @@ class TrainingStopped(Exception):
 def _interrupted(signum: int, frame: Any) -> None:
     raise TrainingStopped(f"stopped by {signal.Signals(signum).name} before training started; nothing to save",
                           128 + signum)
-
-
-def target_steps(cfg: DictConfig) -> int:
-    max_steps = cfg.trainer.max_steps
-    if max_steps is None or max_steps == -1:
-        max_steps = math.ceil(cfg.total_kimg * 1000 / cfg.batch_size)
-    return int(max_steps)
 
 
 def _resume_path(cfg: DictConfig, ckpt_dir: Path) -> Path | None:
@@ -142,20 +134,9 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
         in_channels=dataset.in_channels,
         label_dim=dataset.num_classes,
     )
-    max_steps = target_steps(cfg)
-    meta = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "identity": ident,
-        "target_img": max_steps * cfg.batch_size,
-        "label_dropout": float(cfg.model.net.get("label_dropout", 0.0) or 0.0),
-        "data": dataset.summary(),
-        "label_dim": dataset.num_classes,
-        "img_resolution": dataset.img_resolution,
-        "in_channels": dataset.in_channels,
-        "class_names": list(dataset.class_names),
-        "bias_names": list(dataset.bias_names),
-        "rho_data": float(dataset.rho_effective),
-    }
+    config = OmegaConf.to_container(cfg, resolve=True)
+    max_steps = target_img(config) // cfg.batch_size
+    meta = checkpoint_metadata(config, ident, max_steps * cfg.batch_size, dataset)
     module = DiffusionModule(
         denoiser=denoiser,
         loss=instantiate(cfg.loss),
