@@ -8,6 +8,7 @@ train_summary.json. A run stopped by SIGTERM/SIGINT leaves a snapshot at a step 
 
 from __future__ import annotations
 
+import logging
 import signal
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ from biasamp.training.runs import (
 
 # the EMA copy is a frozen submodule kept in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# noise that says nothing about this run: lightning's own deprecation of a torch API, and an advertisement
+warnings.filterwarnings("ignore", message=r".*isinstance.treespec, LeafSpec.*")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: "litlogger" not in record.getMessage())
 
 # exit statuses of a run that stopped before its target (0 means finished)
 EXIT_MAX_TIME = 75  # EX_TEMPFAIL: resume=auto continues
