@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+
 import pytest
 import torch
 
@@ -55,6 +56,11 @@ TRAIN = [
     (["dataset.source=torchvision", "paths.data_dir=/nonexistent", *QUICK], "train-images-idx3-ubyte"),
     (["speed.compile=maybe"], "speed.compile"),
     (["log_every_n_steps=0"], "log_every_n_steps=0"),
+    (["+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches"),
+    (["callbacks.checkpoint.snapshot_every_min=-1"], "callbacks.checkpoint.snapshot_every_min=-1"),
+    (["lr_schedule._target_=biasamp.training.schedules.Cosine"], "lr_schedule._target_"),
+    (["data.on_device=maybe"], "data.on_device='maybe'"),
+    (["optimizer.eps=0"], "optimizer.eps=0"),
 ]
 if NO_CUDA:
     TRAIN += [(["trainer=gpu"], "no CUDA GPU"), (["trainer.accelerator=gpu"], "no CUDA GPU")]

@@ -13,8 +13,8 @@ from torch import nn
 from biasamp.data import BiasedMNIST
 from biasamp.data.datamodule import InMemoryDataModule
 from biasamp.data.stream import BatchStream, to_model_range
-from biasamp.models import EDMLoss, build_denoiser, one_hot
 from biasamp.errors import UsageError
+from biasamp.models import EDMLoss, build_denoiser, one_hot
 from biasamp.training import EMA, DiffusionModule, check_train_config, ema_beta
 from biasamp.training.config_checks import batch_layout
 from biasamp.training.module import micro_batch_seed
@@ -139,31 +139,10 @@ def test_micro_batch_seeds_differ_by_rank_and_step_and_repeat():
         (["resume=auto", "ckpt_path=x.ckpt"], "not both"),
         (["ema_loss_every_n_steps=30", "log_every_n_steps=20"], "ema_loss_every_n_steps=30"),
         (["trainer.devices=auto"], "trainer.devices='auto'"),
-        (["trainer.precision=16-mixed"], "trainer.precision=16-mixed"),
-        (["trainer.precision=bf16-true"], "trainer.precision=bf16-true"),
-        (["trainer.precision=fp8"], "trainer.precision='fp8'"),
-        (["optimizer.betas=[1.5,0.999]"], "optimizer.betas=[1.5, 0.999]"),
-        (["optimizer.eps=0"], "optimizer.eps=0"),
-        (["optimizer._target_=torch.optim.Adamm"], "optimizer._target_=torch.optim.Adamm"),
-        (["+optimizer.foo=1"], "optimizer.foo"),
-        (["+trainer.foo=1"], "trainer.foo"),
-        (["+foo=1"], "foo is not a setting"),
-        (["+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches"),
-        (["callbacks.checkpoint.ckpt_every_kimg=0"], "callbacks.checkpoint.ckpt_every_kimg=0"),
-        (["callbacks.checkpoint.snapshot_every_min=-1"], "callbacks.checkpoint.snapshot_every_min=-1"),
-        (["lr_schedule._target_=biasamp.training.schedules.Cosine"], "lr_schedule._target_"),
-        (["name=../../escape"], "name='../../escape'"),
-        (["name="], "name="),
-        (["threads=0"], "threads=0"),
-        (["model.net.label_dropout=1.0"], "model.net.label_dropout=1.0"),
-        (["data.on_device=maybe"], "data.on_device='maybe'"),
-        (["trainer=gpu"], "no CUDA GPU"),
     ],
 )
 def test_bad_config_values_are_named(overrides, key):
     cfg = compose_train(overrides)
-    if "CUDA" in key and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
     with pytest.raises(UsageError) as err:
         check_train_config(cfg)
     assert key in str(err.value)
