@@ -1,5 +1,6 @@
 """The count app: file formats, exactness across batch sizes / processes / interruptions, no-op reruns,
-multirun sweeps, and bad input stopped before sampling."""
+multirun sweeps, job identity and locking, restoring files from the state, and bad input stopped before any
+folder or model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from biasamp.checkpoints import load_checkpoint
+from biasamp.errors import UsageError
 from tests.conftest import CONF_DIR, run_count
 
 FAST = ["n_per_class=12", "sampler.num_steps=4", "grid_per_class=3"]
@@ -29,7 +31,7 @@ def _one_job(cwd: Path) -> Path:
 
 
 def compose_count(overrides: list[str]):
-    import biasamp.count  # noqa: F401  (registers the folder-name resolvers)
+    import biasamp.counting  # noqa: F401  (registers the sweep-name resolver)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("count", overrides=overrides)
@@ -53,9 +55,17 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
     assert wide[["red", "green"]].sum(axis=1).tolist() == [12, 12, 12]
 
     meta = json.loads((job / "meta.json").read_text())
-    for key in ("checkpoint", "checkpoint_sha256", "rho_data", "dataset", "sampler", "guidance", "n_per_class",
-                "seed", "rows", "nfe_per_image", "wall_time_s", "images_per_s", "versions"):
-        assert key in meta, key
+    assert sorted(meta) == sorted([
+        "checkpoint", "checkpoint_sha256", "checkpoint_finished", "allow_unfinished", "run", "n_img_trained",
+        "dataset", "dataset_summary", "rho_data", "rho_data_by_attribute", "class_names", "model", "sampler",
+        "guidance", "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "precision", "seed",
+        "n_per_class", "rows", "identity", "identity_hash", "nfe_per_image", "wall_time_s", "images_this_session",
+        "images_per_s", "first_batch_s", "steady_images_per_s", "batch_size", "world_size", "device", "versions",
+        "finished_at", "rho_model", "rho_model_by_attribute", "summary"])
+    assert job.name.endswith("-" + meta["identity_hash"]) and meta["identity"]["checkpoint_sha256"] == \
+        meta["checkpoint_sha256"] and "checkpoint" not in meta["identity"]
+    assert sorted(json.loads((job / "state.json").read_text())) == [
+        "batch_size", "counts", "done", "identity", "nfe_per_image", "shape"]
     assert meta["sampler"]["num_steps"] == 4 and meta["nfe_per_image"] == 7  # Heun: 2N - 1, no guidance
     # batches of 5: the first batch's time (compile lands there) and the speed after it
     assert 0 < meta["first_batch_s"] < meta["wall_time_s"] and meta["steady_images_per_s"] > 0
@@ -67,6 +77,13 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
 
     results = pd.read_csv(job.parent / "results.csv")
     assert len(results) == 1
+    assert list(results.columns) == [
+        "job_dir", "run", "checkpoint", "dataset", "attribute", "rho_data", "sampler.name", "sampler.solver",
+        "sampler.num_steps", "sampler.sigma_min", "sampler.sigma_max", "sampler.rho", "sampler.s_churn",
+        "sampler.s_min", "sampler.s_max", "sampler.s_noise", "sampler.n_skipped_steps", "guidance",
+        "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "precision", "seed", "n_per_class", "n",
+        "n_aligned", "rho_model", "ci_low", "ci_high", "ci_method", "ci_level", "delta", "n_invalid",
+        "rho_model_valid", "nfe", "images_per_s"]
     row = results.iloc[0]
     k = int(counts[(counts["class"] == "0") & (counts["colour"] == "red")]["count"].sum()) + int(
         counts[(counts["class"] == "1") & (counts["colour"] == "green")]["count"].sum())
@@ -89,7 +106,9 @@ def test_counts_identical_for_batch_sizes_7_and_64(tiny_checkpoint, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _one_job(tmp_path / "bs7"), _one_job(tmp_path / "bs64")
     assert (a / "counts.csv").read_bytes() == (b / "counts.csv").read_bytes()
-    assert (a / "state.json").read_bytes() == (b / "state.json").read_bytes()
+    state_a, state_b = (json.loads((j / "state.json").read_text()) for j in (a, b))
+    assert (state_a.pop("batch_size"), state_b.pop("batch_size")) == (7, 64)  # recorded: auto keeps it on resume
+    assert state_a == state_b
 
 
 def test_counts_identical_for_one_and_two_processes(tiny_checkpoint, tmp_path):
@@ -143,10 +162,11 @@ def test_rerun_is_a_no_op_and_raising_n_samples_only_new_indices(tiny_checkpoint
     args = [f"checkpoint={tiny_checkpoint}", "sampler.num_steps=3", "save_grid=false", "batch_size=8"]
     assert run_count([*args, "n_per_class=8"], tmp_path / "a").returncode == 0
     job = _one_job(tmp_path / "a")
-    before = {p.name: p.stat().st_mtime_ns for p in job.iterdir()}
+    files = [*(job / name for name in ("state.json", "counts.csv", "meta.json")), job.parent / "results.csv"]
+    before = [p.stat().st_mtime_ns for p in files]
     again = run_count([*args, "n_per_class=8"], tmp_path / "a")
     assert again.returncode == 0 and "already complete" in again.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in job.iterdir()} == before
+    assert [p.stat().st_mtime_ns for p in files] == before  # (only the lock file is touched)
     grown = run_count([*args, "n_per_class=16"], tmp_path / "a")
     assert grown.returncode == 0, grown.stderr[-2000:]
     meta = json.loads((job / "meta.json").read_text())
@@ -179,41 +199,44 @@ def test_multirun_sweep_fills_results_and_reruns_without_sampling(tiny_checkpoin
     ("sampler.num_steps=0", "sampler.num_steps"),
     ("sampler.s_churn=-5", "sampler.s_churn"),
     ("classes=[7]", "unknown class(es) ['7']"),
+    ("guidance=inf", "guidance=inf is not allowed"),
+    ("sampler.sigma_min=90", "sampler.sigma_min=90"),
+    ("sampler.sigma_max=200", "model's sigma range [0.002, 80]"),
+    ("sweep_name=../../x", "sweep_name='../../x'"),
+    ("include_uncond=maybe", "include_uncond='maybe'"),
     ("guidance_uncond=mean", "guidance_uncond='mean'"),
     ("guidance_interval=[2,1]", "guidance_interval"),
     ("n_per_class=0", "n_per_class=0"),
     ("batch_size=0", "batch_size=0"),
     ("batch_size=big", "or auto"),
-    ("oracle.allowed_colours=[blue]", "lacks the checkpoint's bias colour"),
 ])
 def test_bad_settings_are_named_before_sampling(tiny_checkpoint, override, needle):
-    from biasamp.count import check_and_plan
-
     cfg = compose_count([f"checkpoint={tiny_checkpoint}", override])
-    with pytest.raises(ValueError) as err:
-        check_and_plan(cfg)
+    with pytest.raises(UsageError) as err:
+        plan(cfg)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_bad_checkpoints_are_refused(tiny_checkpoint, tmp_path):
-    from biasamp.count import check_and_plan
+def plan(cfg):
+    from biasamp.counting.plan import plan_job
+    from biasamp.counting.schema import check_count_config
 
+    return plan_job(check_count_config(cfg))
+
+
+def test_bad_checkpoints_are_refused(tiny_checkpoint, tmp_path):
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(tiny_checkpoint.read_bytes()[:5000])
     ckpt = load_checkpoint(tiny_checkpoint)
     no_ema = {**ckpt, "state_dict": {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("ema.")}}
     torch.save(no_ema, tmp_path / "no_ema.ckpt")
-    hp = {**ckpt["hyper_parameters"]}
-    hp["config"] = {**hp["config"], "dataset": {**hp["config"]["dataset"], "name": "waterbirds"}}
-    torch.save({**ckpt, "hyper_parameters": hp}, tmp_path / "other_data.ckpt")
     no_meta = {k: v for k, v in ckpt.items() if k != "hyper_parameters"}
     torch.save(no_meta, tmp_path / "no_meta.ckpt")
-    cases = [(tmp_path / "missing.ckpt", "checkpoint not found"), (corrupt, "could not be read"),
-             (tmp_path / "no_ema.ckpt", "no EMA weights"), (tmp_path / "other_data.ckpt", "does not fit dataset"),
-             (tmp_path / "no_meta.ckpt", "lacks metadata")]
+    cases = [(tmp_path / "missing.ckpt", "does not exist"), (corrupt, "could not be read"),
+             (tmp_path / "no_ema.ckpt", "no EMA weights"), (tmp_path / "no_meta.ckpt", "lacks metadata")]
     for path, needle in cases:
-        with pytest.raises((ValueError, FileNotFoundError)) as err:
-            check_and_plan(compose_count([f"checkpoint={path}"]))
+        with pytest.raises(UsageError) as err:
+            plan(compose_count([f"checkpoint={path}"]))
         assert needle in str(err.value), (path, str(err.value))
 
 
@@ -227,12 +250,172 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path):
 
 def test_a_run_folder_names_its_latest_checkpoint(tiny_checkpoint, tmp_path):
     from biasamp.checkpoints import resolve_checkpoint
-    from biasamp.count import ckpt_name
+    from biasamp.counting.names import sweep_name
 
     run_dir = tiny_checkpoint.parent.parent
     assert resolve_checkpoint(run_dir) == tiny_checkpoint
     assert resolve_checkpoint(run_dir / "checkpoints") == tiny_checkpoint
-    assert ckpt_name(run_dir) == ckpt_name(tiny_checkpoint) == f"tiny2-{tiny_checkpoint.stem}"
+    assert sweep_name(run_dir) == sweep_name(tiny_checkpoint) == f"{run_dir.name}-{tiny_checkpoint.stem}"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="without checkpoints"):
+    with pytest.raises(UsageError, match="without readable checkpoints"):
         resolve_checkpoint(tmp_path / "empty")
+    assert sweep_name(tmp_path / "empty") == "empty" and sweep_name(None) == "no_checkpoint"  # never raises
+
+
+def _error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("biasamp.count: error: "), proc.stderr
+    return lines[0]
+
+
+def test_cli_refusals_leave_no_folder(tiny_checkpoint, tmp_path):
+    """No checkpoint, an infinite guidance, a sigma outside the model's range, a sweep name that leaves the
+    output folder, a GPU that is not there: one line, exit 2, and nothing written (not even the sweep folder)."""
+    import torch
+
+    ckpt = f"checkpoint={tiny_checkpoint}"
+    cases = [([], "checkpoint is required: python -m biasamp.count checkpoint=<ckpt file"),
+             ([ckpt, "guidance=inf"], "guidance=inf is not allowed"),
+             ([ckpt, "sampler.sigma_min=90"], "sampler.sigma_min=90 is not allowed"),
+             ([ckpt, "sweep_name=../../x"], "sweep_name='../../x' is not allowed")]
+    if not torch.cuda.is_available():
+        cases.append(([ckpt, "fabric.accelerator=gpu"], "this machine has no CUDA GPU"))
+    for args, needle in cases:
+        proc = run_count(args, tmp_path / "cwd")
+        assert needle in _error_line(proc), (args, proc.stderr)
+        assert list((tmp_path / "cwd").iterdir()) == [], args
+
+
+def _modified_checkpoint(tiny_checkpoint: Path, path: Path, n_img: int | None = None, **hp) -> Path:
+    ckpt = load_checkpoint(tiny_checkpoint)
+    torch.save({**ckpt, "n_img": ckpt["n_img"] if n_img is None else n_img,
+                "hyper_parameters": {**ckpt["hyper_parameters"], **hp}}, path)
+    return path
+
+
+def test_unfinished_checkpoint_needs_allow_unfinished(tiny_checkpoint, tmp_path):
+    path = _modified_checkpoint(tiny_checkpoint, tmp_path / "half.ckpt", n_img=32)
+    with pytest.raises(UsageError, match="is unfinished .* allow_unfinished=true"):
+        plan(compose_count([f"checkpoint={path}"]))
+    assert plan(compose_count([f"checkpoint={path}", "allow_unfinished=true"])).meta["finished"] is False
+
+
+def test_guidance_needs_a_checkpoint_trained_with_label_dropout(tiny_checkpoint, tmp_path):
+    path = _modified_checkpoint(tiny_checkpoint, tmp_path / "no_null.ckpt", label_dropout=0.0)
+    for override, needle in (("guidance=1", "guidance=1.0 is not allowed"),
+                             ("include_uncond=true", "include_uncond=True is not allowed")):
+        with pytest.raises(UsageError) as err:
+            plan(compose_count([f"checkpoint={path}", override]))
+        assert needle in str(err.value) and "label_dropout=0" in str(err.value)
+    assert plan(compose_count([f"checkpoint={path}", "guidance=0"])).settings.guidance == 0
+
+
+def test_identity_is_the_checkpoint_content_and_the_oracle_file_content(tiny_checkpoint, tmp_path):
+    """The job folder follows the checkpoint's sha256, not its path; an oracle file replaced under the same
+    path is another identity; settings that change no count are not part of it."""
+    from biasamp.counting.plan import _oracle_identity
+
+    copy = tmp_path / "elsewhere" / "renamed.ckpt"
+    copy.parent.mkdir()
+    copy.write_bytes(tiny_checkpoint.read_bytes())
+    a = plan(compose_count([f"checkpoint={tiny_checkpoint}"]))
+    assert plan(compose_count([f"checkpoint={copy}", "n_per_class=7", "batch_size=3", "ci_level=0.9"])).job_name \
+        == a.job_name
+    assert plan(compose_count([f"checkpoint={tiny_checkpoint}", "seed=1"])).job_name != a.job_name
+    assert a.job_name.startswith("edm-heun-steps18-churn0-w0-")
+
+    class Fake:
+        attributes, value_names, min_confidence = ["colour"], [["red", "green"]], 0.0
+
+    oracle_file = tmp_path / "oracle.ckpt"
+    oracle_file.write_bytes(b"first classifier")
+    first = _oracle_identity({"name": "classifier", "checkpoint": str(oracle_file)}, Fake())
+    oracle_file.write_bytes(b"retrained classifier")
+    second = _oracle_identity({"name": "classifier", "checkpoint": str(oracle_file)}, Fake())
+    assert first["checkpoint_sha256"] != second["checkpoint_sha256"]
+
+
+def test_a_job_folder_is_continued_only_under_its_identity(tiny_checkpoint, tmp_path):
+    from biasamp.counting.runner import start_state
+    from biasamp.counting.state import CountState
+
+    p = plan(compose_count([f"checkpoint={tiny_checkpoint}", "n_per_class=4"]))
+    job = tmp_path / p.job_name
+    job.mkdir()
+    old = {**p.identity, "oracle.checkpoint_sha256": "0" * 64}  # the job of a since-replaced oracle file
+    CountState(old, (2, 2), done={"0": 2}, counts={"0": np.array([[1, 1], [0, 0]])}).save(job)
+    with pytest.raises(UsageError) as err:
+        start_state(p, job)
+    assert "oracle.checkpoint_sha256 is '0000" in str(err.value) and "\n" not in str(err.value)
+    CountState(p.identity, (2, 2), done={"0": 6}, counts={"0": np.array([[3, 3], [0, 0]])}).save(job)
+    with pytest.raises(UsageError, match=r"n_per_class=4 is below the samples already counted .* >=6"):
+        start_state(p, job)
+    state = start_state(plan(compose_count([f"checkpoint={tiny_checkpoint}", "n_per_class=8"])), job)
+    assert state.done == {"0": 6}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"identity": {}, "shape": [2, 2], "done": {"0"', "not valid JSON"),
+    ('{"fingerprint": "abc", "shape": [2, 2], "done": {}, "counts": {}}', "keys ['counts', 'done', 'fingerprint'"),
+    ('{"identity": {}, "shape": [2, 2], "done": {"0": 4}, "counts": {"0": [1, 3]}, "batch_size": null, '
+     '"nfe_per_image": null}', "row '0' does not hold 4 whole counts"),
+])
+def test_malformed_state_is_one_line_naming_the_file(tmp_path, text, needle):
+    from biasamp.counting.state import read_state
+
+    (tmp_path / "state.json").write_text(text)
+    with pytest.raises(UsageError) as err:
+        read_state(tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "state.json") in message and needle in message and "delete it" in message
+    assert "\n" not in message
+
+
+def test_auto_batch_size_of_a_resumed_job_is_the_one_it_started_with(tiny_checkpoint):
+    from biasamp.counting.runner import _batch_size
+    from biasamp.counting.state import CountState
+
+    p = plan(compose_count([f"checkpoint={tiny_checkpoint}", "batch_size=auto"]))
+    state = CountState(p.identity, (2, 2), batch_size=192)
+    assert _batch_size(p, state, net=None, fabric=None, world=1, image_shape=(3, 32, 32)) == 192
+
+
+def test_lock_lost_row_and_copied_run_folder(tiny_checkpoint, tmp_path):
+    """A second process on a running job is refused; a lost results.csv row and an edited counts.csv are
+    rewritten from state.json without sampling; a copied run folder's checkpoint is not counted again."""
+    import shutil
+
+    from biasamp.identity import folder_lock
+
+    args = [f"checkpoint={tiny_checkpoint}", "sampler.num_steps=3", "save_grid=false", "batch_size=8",
+            "n_per_class=4"]
+    assert run_count(args, tmp_path).returncode == 0
+    job = _one_job(tmp_path)
+    results_csv = job.parent / "results.csv"
+    with folder_lock(job, "a test"):
+        assert "is in use by process" in _error_line(run_count(args, tmp_path))
+
+    state_bytes, state_mtime = (job / "state.json").read_bytes(), (job / "state.json").stat().st_mtime_ns
+    counts = (job / "counts.csv").read_text()
+    results_csv.write_text(results_csv.read_text().splitlines()[0] + "\n")  # the job's row lost
+    (job / "counts.csv").write_text(counts.replace(",True,", ",True,9", 1))  # a cell edited by hand
+    again = run_count(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "rewriting its files and results.csv rows from state.json, nothing sampled" in again.stdout
+    assert (job / "state.json").read_bytes() == state_bytes and (job / "state.json").stat().st_mtime_ns == state_mtime
+    assert (job / "counts.csv").read_text() == counts and len(pd.read_csv(results_csv)) == 1
+
+    def no_nan(value):
+        raise AssertionError(f"meta.json holds {value}")
+
+    meta = json.loads((job / "meta.json").read_text(), parse_constant=no_nan)
+    assert meta["images_this_session"] == 0 and meta["nfe_per_image"] == 5
+
+    copied = tmp_path / "copied_run"
+    shutil.copytree(tiny_checkpoint.parent.parent, copied)
+    proc = run_count([f"checkpoint={copied}", *args[1:]], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "continuing from the counts of the same job" in proc.stdout and "nothing sampled" in proc.stdout
+    (other,) = [p for p in _job_dirs(tmp_path) if p != job]
+    assert other.name == job.name and other.parent.name == f"copied_run-{tiny_checkpoint.stem}"
+    assert (other / "counts.csv").read_text() == counts

@@ -20,8 +20,9 @@ from hydra import compose, initialize_config_dir
 from scipy.stats import binomtest
 
 from biasamp.analysis import plots, tables
-from biasamp.atomic import atomic_write_json
-from biasamp.counting.files import counts_table, update_results, write_counts
+from biasamp.counting.counts import counts_table, write_counts
+from biasamp.counting.meta import JobMeta, oracle_entry, write_meta
+from biasamp.counting.results import ResultsRow, update_results
 from biasamp.counting.state import CountState
 from tests.conftest import CONF_DIR
 
@@ -48,7 +49,7 @@ def write_sweep(root: Path, rho: float, confusion: dict | None = None) -> Path:
         if r != rho:
             continue
         job = sweep / f"{_run_name(rho)}__edm-heun-steps{steps}-churn0-w{w}-{steps:02d}{w:02d}abcd"
-        state = CountState(fingerprint="test", shape=(2, 2))
+        state = CountState(identity={"test": steps}, shape=(2, 2))
         for c, (aligned, invalid) in enumerate(((a0, inv0), (a1, inv1))):
             counts = np.zeros((2, 2), dtype=np.int64)  # (colour, valid)
             other = 1 - c
@@ -58,32 +59,25 @@ def write_sweep(root: Path, rho: float, confusion: dict | None = None) -> Path:
             state.counts[CLASSES[c]], state.done[CLASSES[c]] = counts, N_PER_CLASS
         table = counts_table(state, CLASSES, ["colour"], [COLOURS])
         write_counts(job, table)
+        state.save(job)
         sampler = {"name": "edm", "solver": "heun", "num_steps": steps, "sigma_min": None, "sigma_max": None,
                    "rho": 7.0, "s_churn": 0.0, "s_min": 0.0, "s_max": float("inf"), "s_noise": 1.0,
                    "n_skipped_steps": 0}
         nfe = (2 * steps - 1) * (2 if w else 1)
-        meta = {
-            "run": _run_name(rho), "rho_data": rho, "class_names": CLASSES,
-            "dataset": {"name": "biased_mnist", "rho": rho},
-            "dataset_summary": {"class_names": CLASSES, "rho_per_class": [rho, rho - 0.01]},
-            "sampler": sampler, "guidance": float(w), "guidance_uncond": "null", "seed": 0,
-            "n_per_class": N_PER_CLASS, "nfe_per_image": nfe,
-            "oracle": {"name": "colour", "attributes": ["colour"], "value_names": [COLOURS],
-                       "confusion": confusion},
-        }
-        atomic_write_json(job / "meta.json", meta)
+        write_meta(job, JobMeta(
+            run=_run_name(rho), rho_data=rho, class_names=CLASSES, dataset={"name": "biased_mnist", "rho": rho},
+            dataset_summary={"class_names": CLASSES, "rho_per_class": [rho, rho - 0.01]},
+            sampler=sampler, guidance=float(w), guidance_uncond="null", seed=0, n_per_class=N_PER_CLASS,
+            nfe_per_image=nfe, oracle=oracle_entry({"name": "colour"}, ["colour"], [COLOURS], confusion)))
         k, n = a0 + a1, 2 * N_PER_CLASS
         ci = binomtest(k, n).proportion_ci(0.95, method="exact")
-        update_results(sweep / "results.csv", [{
-            "job_dir": job.name, "run": _run_name(rho), "checkpoint": f"/ckpts/{_run_name(rho)}.ckpt",
-            "dataset": "biased_mnist", "attribute": "colour", "rho_data": rho,
-            **{f"sampler.{k_}": v for k_, v in sampler.items()},
-            "guidance": float(w), "guidance_uncond": "null", "guidance_interval": "", "oracle": "colour", "seed": 0,
-            "n_per_class": N_PER_CLASS, "n": n, "n_aligned": k, "rho_model": k / n, "ci_low": ci.low,
-            "ci_high": ci.high, "ci_method": "clopper_pearson", "ci_level": 0.95, "delta": k / n - rho,
-            "n_invalid": inv0 + inv1, "rho_model_valid": k / (n - inv0 - inv1), "nfe": float(nfe),
-            "images_per_s": 100.0,
-        }])
+        update_results(sweep / "results.csv", [ResultsRow(
+            job_dir=job.name, run=_run_name(rho), checkpoint=f"/ckpts/{_run_name(rho)}.ckpt", dataset="biased_mnist",
+            attribute="colour", rho_data=rho, sampler=sampler, guidance=float(w), guidance_uncond="null",
+            guidance_interval="", oracle="colour", class_oracle="", precision="fp32", seed=0,
+            n_per_class=N_PER_CLASS, n=n, n_aligned=k, rho_model=k / n, ci_low=ci.low, ci_high=ci.high,
+            ci_method="clopper_pearson", ci_level=0.95, delta=k / n - rho, n_invalid=inv0 + inv1,
+            rho_model_valid=k / (n - inv0 - inv1), nfe=float(nfe), images_per_s=100.0)])
     return sweep
 
 
@@ -307,3 +301,66 @@ def test_missing_job_folder_exits_2(sweeps, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "counts.csv not found" in err[0]
     assert not (a / "report").exists()
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("biasamp.report: error: "), lines
+    return lines[0]
+
+
+def test_out_dir_that_is_a_file_exits_2(sweeps, tmp_path, capsys):
+    from biasamp.report import run
+
+    a, _ = sweeps
+    (tmp_path / "taken").write_text("a file\n")
+    for out_dir in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        with pytest.raises(SystemExit) as exc:
+            run(compose_report([f"sweep={a}", f"out_dir={out_dir}"]))
+        assert exc.value.code == 2
+        assert "is a file, not a folder" in _one_error_line(capsys)
+    assert (tmp_path / "taken").read_text() == "a file\n"
+
+
+def test_counts_csv_edited_by_hand_is_refused(sweeps, capsys):
+    from biasamp.report import run
+
+    a, _ = sweeps
+    job = sorted(p for p in a.iterdir() if p.is_dir())[0]
+    counts = job / "counts.csv"
+    counts.write_text(counts.read_text().replace("\n0,red,True,", "\n0,red,True,1", 1))  # e.g. 44 -> 144
+    with pytest.raises(SystemExit) as exc:
+        run(compose_report([f"sweep={a}"]))
+    assert exc.value.code == 2
+    assert "does not hold the counts of state.json" in _one_error_line(capsys)
+    assert not (a / "report").exists()
+
+
+def test_malformed_meta_json_is_one_line(sweeps, capsys):
+    from biasamp.report import run
+
+    a, _ = sweeps
+    job = sorted(p for p in a.iterdir() if p.is_dir())[0]
+    (job / "meta.json").write_text('{"class_names": ["0", "1"], "oracle": {"attri')
+    with pytest.raises(SystemExit) as exc:
+        run(compose_report([f"sweep={a}"]))
+    assert exc.value.code == 2 and "meta.json is not valid JSON" in _one_error_line(capsys)
+
+
+def test_a_library_error_keeps_its_traceback(sweeps, monkeypatch):
+    """Only a UsageError is bad input: a ValueError from the code (a bug) is raised, not shown as exit 2."""
+    from biasamp.analysis import reporting
+    from biasamp.report import run
+
+    def broken(df):
+        raise ValueError("a bug in the table code")
+
+    monkeypatch.setattr(reporting, "results_table", broken)
+    with pytest.raises(ValueError, match="a bug in the table code"):
+        run(compose_report([f"sweep={sweeps[0]}"]))
+
+
+def test_report_modules_do_not_import_torch():
+    code = ("import sys, biasamp.analysis.tables, biasamp.analysis.reporting; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,9 +1,11 @@
 """Count sweeps -> publication tables (CSV, Markdown, LaTeX booktabs).
 
 A count sweep folder (written by ``python -m biasamp.count -m ...``) holds ``results.csv``, one row per
-(checkpoint, setting), and one sub-folder per job (named by the row's ``job_dir``) with ``counts.csv`` and
-``meta.json`` (formats: shared/DESIGN.md and biasamp/counting/files.py). This module reads one or several
-sweeps, recomputes every interval with one method and level, finds the keys that were swept, and writes:
+(checkpoint, setting, attribute), and one sub-folder per job (named by the row's ``job_dir``) with
+``counts.csv``, ``meta.json`` and ``state.json``, each read through its format module in biasamp.counting
+(counts, meta, results, state). A counts.csv that does not match the state.json beside it (a cell edited by
+hand) is refused. This module reads one or several sweeps, recomputes every interval with one method and
+level, finds the keys that were swept, and writes:
 
 - the results table: swept keys, rho_data, rho_model with its interval, delta = rho_model - rho_data, n, the
   share of samples the oracle could not classify, NFE per sample, and the rho_model corrected for the oracle's
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -32,13 +33,17 @@ import pandas as pd
 from biasamp.analysis.estimates import per_class_rho
 from biasamp.analysis.intervals import check_level, check_method, proportion_interval
 from biasamp.atomic import atomic_write_text
+from biasamp.counting.counts import COUNTS_NAME, counts_table, counts_text, read_counts
+from biasamp.counting.meta import JobMeta, read_meta
+from biasamp.counting.results import RESULTS_NAME, read_results
+from biasamp.counting.state import STATE_NAME, read_state
+from biasamp.errors import UsageError
 
-REQUIRED_COLUMNS = ("job_dir", "run", "rho_data", "sampler.name", "guidance", "n", "n_aligned")
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
 KEY_ORDER = ("rho_data", "run", "checkpoint", "dataset", "attribute", "sampler.name", "sampler.solver",
              "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
-KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "seed", "n_per_class",
-                  "sweep")
+KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "precision", "seed",
+                  "n_per_class", "sweep")
 # never shown in a caption: long paths that the run name already stands for
 NOT_NOTED = ("checkpoint", "sweep")
 TABLE_FORMATS = ("csv", "md", "tex")
@@ -72,8 +77,8 @@ MISSING_MD, MISSING_TEX = "–", "--"
 
 
 # ------------------------------------------------------------------------------------------- loading
-def _missing_sweep(path: str | Path, why: str) -> FileNotFoundError:
-    return FileNotFoundError(f"sweep={path}: {why}; run python -m biasamp.count (e.g. -m checkpoint=<ckpt> "
+def _missing_sweep(path: str | Path, why: str) -> UsageError:
+    return UsageError(f"sweep={path}: {why}; run python -m biasamp.count (e.g. -m checkpoint=<ckpt> "
                              "sampler.num_steps=6,18) first and pass its sweep folder")
 
 
@@ -86,7 +91,7 @@ def expand_sweeps(sweeps: str | Path | Iterable[str | Path]) -> list[Path]:
     for item in items:
         text = os.path.expanduser(str(item))
         if glob.has_magic(text):
-            matches = [Path(p) for p in sorted(glob.glob(text)) if (Path(p) / "results.csv").is_file()]
+            matches = [Path(p) for p in sorted(glob.glob(text)) if (Path(p) / RESULTS_NAME).is_file()]
             if not matches:
                 raise _missing_sweep(item, "no folder matching this pattern holds a results.csv")
             found.extend(matches)
@@ -94,8 +99,8 @@ def expand_sweeps(sweeps: str | Path | Iterable[str | Path]) -> list[Path]:
         path = Path(text)
         if not path.is_dir():
             raise _missing_sweep(item, f"folder {path} does not exist")
-        if not (path / "results.csv").is_file():
-            raise _missing_sweep(item, f"{path / 'results.csv'} not found (not a count sweep folder)")
+        if not (path / RESULTS_NAME).is_file():
+            raise _missing_sweep(item, f"{path / RESULTS_NAME} not found (not a count sweep folder)")
         found.append(path)
     unique: list[Path] = []
     for p in (p.resolve() for p in found):
@@ -104,41 +109,20 @@ def expand_sweeps(sweeps: str | Path | Iterable[str | Path]) -> list[Path]:
     return unique
 
 
-def read_results_csv(path: str | Path) -> pd.DataFrame:
-    """results.csv as written by biasamp.count: only empty cells are missing ("null" stays a string)."""
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
-
-
 def load_results(sweep_dirs: str | Path | Iterable[str | Path], method: str = "clopper_pearson",
                  level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """The results.csv rows of every sweep, concatenated, with rho_model, its interval and delta recomputed.
 
     Adds a ``sweep`` column (the sweep folder, absolute) so each row's job folder is ``sweep / job_dir``.
     ``ci_low``/``ci_high`` come from ``method`` at ``level`` (``n_boot``/``seed``: bootstrap only) over the
-    row's ``n`` and ``n_aligned``. Raises FileNotFoundError for a missing folder or results.csv, ValueError
-    for a results.csv without the columns biasamp.count writes, or a bad method or level.
+    row's ``n`` and ``n_aligned``. Raises UsageError for a missing folder or results.csv, or a results.csv
+    that is not as biasamp.count writes it (counting.results.read_results); ``method`` and ``level`` are
+    the caller's to check.
     """
     method, level = check_method(method), check_level(level)
     frames = []
     for sweep in expand_sweeps(sweep_dirs):
-        path = sweep / "results.csv"
-        try:
-            frame = read_results_csv(path)
-        except pd.errors.EmptyDataError:
-            raise ValueError(f"{path} is empty; rerun biasamp.count for this sweep") from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
-        if missing:
-            raise ValueError(f"{path} lacks column(s) {missing}: it was not written by biasamp.count "
-                             "(rerun the count sweep)")
-        if frame.empty:
-            raise ValueError(f"{path} has no rows; rerun biasamp.count for this sweep")
-        for col in ("n", "n_aligned"):
-            bad = frame[col].isna() | (pd.to_numeric(frame[col], errors="coerce") % 1 != 0)
-            if bad.any():
-                raise ValueError(f"{path}: column {col} must hold whole numbers (job {frame['job_dir'][bad].iloc[0]})")
-        wrong = (frame["n_aligned"] < 0) | (frame["n_aligned"] > frame["n"])
-        if wrong.any():
-            raise ValueError(f"{path}: job {frame['job_dir'][wrong].iloc[0]} has n_aligned outside [0, n]")
+        frame = read_results(sweep / RESULTS_NAME)
         frame.insert(0, "sweep", str(sweep))
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True, sort=False)
@@ -168,66 +152,58 @@ class Job:
 
     folder: Path
     counts: pd.DataFrame
-    meta: dict[str, Any]
+    meta: JobMeta
     rho_attribute: str | None = None  # the bias attribute of the results row (None: the oracle's first)
 
     @property
     def class_names(self) -> list[str]:
-        return [str(c) for c in self.meta["class_names"]]
+        return [str(c) for c in self.meta.class_names]
 
     @property
     def attribute(self) -> str:
-        return self.rho_attribute or str(self.meta["oracle"]["attributes"][0])
+        return self.rho_attribute or self.meta.attributes[0]
 
     @property
     def value_names(self) -> list[str]:
-        attributes = [str(a) for a in self.meta["oracle"]["attributes"]]
-        return [str(v) for v in self.meta["oracle"]["value_names"][attributes.index(self.attribute)]]
+        return self.meta.value_names[self.meta.attributes.index(self.attribute)]
 
     @property
     def confusion(self) -> dict[str, Any] | None:
         """The oracle's measured confusion for the rho attribute ({labels, counts}), or None."""
-        confusion = (self.meta.get("oracle") or {}).get("confusion")
+        confusion = self.meta.oracle.get("confusion")
         return confusion.get(self.attribute) if isinstance(confusion, dict) else None
 
 
 def load_job(row: pd.Series) -> Job:
-    """The job folder of one results row (``sweep / job_dir``); FileNotFoundError if its files are missing."""
+    """The job folder of one results row (``sweep / job_dir``); UsageError if its files are missing."""
     folder = Path(row["sweep"]) / str(row["job_dir"])
-    for name in ("counts.csv", "meta.json"):
+    for name in (COUNTS_NAME, "meta.json", STATE_NAME):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: results.csv names job {row['job_dir']} but its "
-                                    "files are missing; rerun that count job")
+            raise UsageError(f"{folder / name} not found: results.csv names job {row['job_dir']} but its files are "
+                             "missing; rerun that count job")
     attribute = row.get("attribute")
     return _read_job(folder, None if _is_missing(attribute) else str(attribute))
 
 
 def _read_job(folder: Path, attribute: str | None = None) -> Job:
-    """Read and check a job folder's counts.csv and meta.json (ValueError naming the file on a bad one)."""
-    counts = pd.read_csv(folder / "counts.csv", dtype=str, keep_default_na=False)
-    missing = [c for c in ("class", "count") if c not in counts.columns]
-    if missing:
-        raise ValueError(f"{folder / 'counts.csv'} lacks column(s) {missing}; rerun that count job")
-    try:
-        counts["count"] = counts["count"].astype(np.int64)
-    except ValueError:
-        raise ValueError(f"{folder / 'counts.csv'}: column count must hold whole numbers") from None
-    meta_path = folder / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        oracle = meta["oracle"]
-        attributes, values = list(oracle["attributes"]), list(oracle["value_names"])
-        meta["class_names"] = list(meta["class_names"])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path} is not valid JSON ({err.msg}); rerun that count job") from None
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{meta_path} lacks {err}: not written by biasamp.count; rerun that count job") from None
-    if not attributes or len(attributes) != len(values) or any(a not in counts.columns for a in attributes):
-        raise ValueError(f"{meta_path}: oracle.attributes {attributes} do not match the columns of counts.csv "
-                         f"{list(counts.columns)}")
+    """Read and check a job folder's meta.json, counts.csv and state.json: UsageError naming the file when one
+    is not as biasamp.count writes it, or when counts.csv does not hold the counts of state.json."""
+    meta = read_meta(folder)
+    attributes, values = meta.attributes, meta.value_names
+    counts = read_counts(folder, attributes)
     if attribute is not None and attribute not in attributes:
-        raise ValueError(f"results.csv names attribute {attribute!r} for {folder.name}, but its oracle has "
+        raise UsageError(f"results.csv names attribute {attribute!r} for {folder.name}, but its oracle has "
                          f"{attributes}; rerun that count job")
+    state = read_state(folder)
+    shape = (*[len(v) for v in values], 2)
+    if state is None or tuple(state.shape) != shape:
+        raise UsageError(f"{folder / STATE_NAME} is missing or does not fit meta.json's oracle values {values}; rerun "
+                         "that count job")
+    rows = meta.row_names or list(dict.fromkeys(counts["class"]))
+    if (folder / COUNTS_NAME).read_text() != counts_text(counts_table(state, rows, attributes, values)):
+        raise UsageError(f"{folder / COUNTS_NAME} does not hold the counts of {STATE_NAME} beside it (edited by "
+                         "hand?); rerun that count job (python -m biasamp.count with its settings) to rewrite it from "
+                         f"{STATE_NAME}")
     return Job(folder, counts, meta, attribute)
 
 
@@ -381,7 +357,7 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
     for (_, row), job in zip(rows, jobs, strict=True):
         table = per_class_rho(job.counts, job.class_names, job.value_names, job.attribute, level=level,
                               method=method, n_boot=n_boot, seed=seed)
-        summary = job.meta.get("dataset_summary") or {}
+        summary = job.meta.dataset_summary or {}
         by_attribute = summary.get("rho_per_class_by_attribute") or {}
         own = dict(zip([str(c) for c in summary.get("class_names", [])],
                        by_attribute.get(job.attribute, summary.get("rho_per_class", [])), strict=False))
@@ -573,7 +549,7 @@ def write_tables(table: pd.DataFrame, out_dir: str | Path, stem: str,
     """
     unknown = [f for f in formats if f not in TABLE_FORMATS]
     if unknown:
-        raise ValueError(f"tables={list(formats)!r}: unknown format(s) {unknown}; allowed: {list(TABLE_FORMATS)}")
+        raise UsageError(f"tables={list(formats)!r}: unknown format(s) {unknown}; allowed: {list(TABLE_FORMATS)}")
     out_dir = Path(out_dir)
     paths = []
     for fmt in formats:

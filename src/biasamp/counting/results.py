@@ -1,0 +1,153 @@
+"""``results.csv`` of a sweep folder: one row per (checkpoint, setting, bias attribute); its one writer and reader.
+
+Columns, in this order (``results_columns``): ``HEAD_COLUMNS``, then one ``sampler.<key>`` column per
+parameter of the sampler family, then ``SETTING_COLUMNS``, ``ESTIMATE_COLUMNS``, the class-fidelity columns
+(``FIDELITY_COLUMNS``, only for jobs counted with a class oracle) and ``SPEED_COLUMNS``. An ``attribute``
+column names the bias attribute (Multi-Color MNIST has ``left`` and ``right``). The file is updated under a
+file lock and a job's rows are replaced, never duplicated, when the job is written again. Only empty cells
+are missing values: ``null`` (guidance_uncond) stays a string. Torch-free: the report reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from biasamp.atomic import atomic_write_text
+from biasamp.errors import UsageError
+
+RESULTS_NAME = "results.csv"
+HEAD_COLUMNS = ("job_dir", "run", "checkpoint", "dataset", "attribute", "rho_data")
+SAMPLER_PREFIX = "sampler."
+SETTING_COLUMNS = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "precision", "seed",
+                   "n_per_class")
+ESTIMATE_COLUMNS = ("n", "n_aligned", "rho_model", "ci_low", "ci_high", "ci_method", "ci_level", "delta",
+                    "n_invalid", "rho_model_valid")
+FIDELITY_COLUMNS = ("class_fidelity", "class_fidelity_low", "class_fidelity_high", "class_fidelity_n",
+                    "class_fidelity_k")
+SPEED_COLUMNS = ("nfe", "images_per_s")
+# what a reader needs in every file
+REQUIRED_COLUMNS = ("job_dir", "run", "rho_data", "sampler.name", "guidance", "n", "n_aligned")
+
+
+@dataclass(frozen=True)
+class ResultsRow:
+    """One row of results.csv (``sampler``: the resolved sampler config; ``fidelity``: the FIDELITY_COLUMNS of a
+    job with a class oracle, else None)."""
+
+    job_dir: str
+    run: str
+    checkpoint: str
+    dataset: str
+    attribute: str
+    rho_data: float
+    sampler: Mapping[str, Any]
+    guidance: float
+    guidance_uncond: str
+    guidance_interval: str  # JSON list, or "" without an interval
+    oracle: str
+    class_oracle: str  # the class oracle's short name, or ""
+    precision: str
+    seed: int
+    n_per_class: int
+    n: int
+    n_aligned: int
+    rho_model: float
+    ci_low: float
+    ci_high: float
+    ci_method: str
+    ci_level: float
+    delta: float
+    n_invalid: int
+    rho_model_valid: float
+    nfe: float | None
+    images_per_s: float | None
+    fidelity: Mapping[str, Any] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The row as {column: value} in results.csv's column order."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        sampler = {f"{SAMPLER_PREFIX}{k}": v for k, v in values.pop("sampler").items()}
+        fidelity = dict(values.pop("fidelity") or {})
+        return {**{c: values[c] for c in HEAD_COLUMNS}, **sampler,
+                **{c: values[c] for c in (*SETTING_COLUMNS, *ESTIMATE_COLUMNS)},
+                **{c: fidelity[c] for c in FIDELITY_COLUMNS if c in fidelity},
+                **{c: values[c] for c in SPEED_COLUMNS}}
+
+
+def results_columns(columns: Iterable[str]) -> list[str]:
+    """``columns`` in results.csv's order: the declared ones first as declared (sampler.* in place), then any
+    other column (from an older or newer writer) in the order given."""
+    columns = list(dict.fromkeys(columns))
+    sampler = [c for c in columns if c.startswith(SAMPLER_PREFIX)]
+    declared = [*HEAD_COLUMNS, *sampler, *SETTING_COLUMNS, *ESTIMATE_COLUMNS, *FIDELITY_COLUMNS, *SPEED_COLUMNS]
+    return [c for c in declared if c in columns] + [c for c in columns if c not in declared]
+
+
+def read_results_csv(path: str | Path) -> pd.DataFrame:
+    """results.csv as written (no checks): only empty cells are missing ("null" stays a string)."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+
+def update_results(results_csv: Path, rows: Sequence[ResultsRow | Mapping[str, Any]], key: str = "job_dir") -> None:
+    """Put ``rows`` (one job's rows: one per bias attribute) into the sweep's results.csv, replacing every row
+    with their ``key`` (under a lock, so parallel jobs of a multirun never lose each other's rows)."""
+    records = [r.record() if isinstance(r, ResultsRow) else dict(r) for r in rows]
+    results_csv = Path(results_csv)
+    results_csv.parent.mkdir(parents=True, exist_ok=True)
+    keys = {str(r[key]) for r in records}
+    with open(results_csv.with_name(results_csv.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            old = read_results_csv(results_csv) if results_csv.is_file() else pd.DataFrame()
+            if len(old) and key in old.columns:
+                old = old[~old[key].astype(str).isin(keys)]
+            new = pd.concat([old, pd.DataFrame(records)], ignore_index=True)
+            new = new[results_columns(new.columns)]
+            atomic_write_text(results_csv, new.to_csv(index=False, lineterminator="\n"))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def job_rows(results_csv: Path, job_dir: str) -> pd.DataFrame:
+    """The rows of one job in a sweep's results.csv (none when the file is missing or unreadable)."""
+    try:
+        frame = read_results_csv(results_csv)
+    except (FileNotFoundError, pd.errors.EmptyDataError, pd.errors.ParserError):
+        return pd.DataFrame()
+    return frame[frame["job_dir"].astype(str) == job_dir] if "job_dir" in frame.columns else pd.DataFrame()
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """A sweep's results.csv, checked: UsageError naming the file when it is empty, lacks a required column, has
+    no rows, or its n / n_aligned are not whole numbers with 0 <= n_aligned <= n."""
+    path = Path(path)
+    redo = "rerun biasamp.count for this sweep"
+    try:
+        frame = read_results_csv(path)
+    except pd.errors.EmptyDataError:
+        raise UsageError(f"{path} is empty; {redo}") from None
+    except pd.errors.ParserError as err:
+        raise UsageError(f"{path} is not a CSV file ({str(err).strip()}); {redo}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UsageError(f"{path} lacks column(s) {missing}: it was not written by biasamp.count; {redo}")
+    if frame.empty:
+        raise UsageError(f"{path} has no rows; {redo}")
+    for col in ("n", "n_aligned"):
+        numbers = pd.to_numeric(frame[col], errors="coerce")
+        bad = numbers.isna() | (numbers % 1 != 0)
+        if bad.any():
+            raise UsageError(f"{path}: column {col} must hold whole numbers (job {frame['job_dir'][bad].iloc[0]}); "
+                             f"{redo}")
+        frame[col] = numbers.astype("int64")
+    wrong = (frame["n_aligned"] < 0) | (frame["n_aligned"] > frame["n"])
+    if wrong.any():
+        raise UsageError(f"{path}: job {frame['job_dir'][wrong].iloc[0]} has n_aligned outside [0, n]; {redo}")
+    return frame
