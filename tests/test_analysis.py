@@ -31,6 +31,7 @@ from biasamp.analysis import (
     uncond_marginal,
     wilson,
 )
+from biasamp.errors import UsageError
 
 GRID_P = (0.05, 0.5, 0.9, 0.99)
 GRID_N = (50, 1000)
@@ -136,12 +137,12 @@ def test_jeffreys_and_edges():
 
 
 def test_interval_errors_name_the_key():
-    with pytest.raises(ValueError, match="ci_method"):
+    with pytest.raises(UsageError, match="^ci_method='agresti' is not known; allowed: clopper_pearson, wilson"):
         proportion_interval(1, 10, method="agresti")
-    for bad in (0.0, 1.0, 1.5, -0.1, 95):
-        with pytest.raises(ValueError, match="ci_level"):
+    for bad in (0.0, 1.0, 1.5, -0.1, 95, float("nan"), True, "high"):
+        with pytest.raises(UsageError, match=r"^ci_level=.* is not allowed: a number in \(0, 1\)"):
             proportion_interval(1, 10, level=bad)
-    for k, n in ((11, 10), (-1, 10), (1, -1)):
+    for k, n in ((11, 10), (-1, 10), (1, -1)):  # counts come from files biasamp wrote: a bug, not a user's value
         with pytest.raises(ValueError):
             proportion_interval(k, n)
     with pytest.raises(ValueError):
@@ -178,7 +179,7 @@ def test_rho_model_two_classes(two_class):
     assert (valid.n, valid.n_aligned, valid.rho_model, valid.ci_level) == (88, 77, 77 / 88, 0.9)
     wil = rho_model_from_counts(two_class, ["0", "1"], ["red", "green"], "colour", method="wilson")
     assert (wil.ci_low, wil.ci_high) == pytest.approx(wilson(87, 100)) and wil.ci_method == "wilson"
-    with pytest.raises(ValueError, match="ci_method"):
+    with pytest.raises(UsageError, match="ci_method"):
         rho_model_from_counts(two_class, ["0", "1"], ["red", "green"], "colour", method="nope")
 
 
@@ -417,7 +418,7 @@ def test_corrected_rho_identity_and_meta_mapping(two_class):
     direct = corrected_rho(two_class, ["0", "1"], ["red", "green"], "colour", [[90, 10], [20, 80]], n_boot=300)
     assert via_meta["rho_corrected"] == pytest.approx(direct["rho_corrected"])
     assert (via_meta["ci_low"], via_meta["ci_high"]) == pytest.approx((direct["ci_low"], direct["ci_high"]))
-    with pytest.raises(ValueError, match="ci_level"):
+    with pytest.raises(UsageError, match="ci_level"):
         corrected_rho(two_class, ["0", "1"], ["red", "green"], "colour", ident, level=2)
 
 
@@ -477,3 +478,22 @@ def test_corrected_rho_empty_class_and_valid_only():
 def test_corrected_rho_refuses_rates(two_class):
     with pytest.raises(ValueError, match="whole counts"):
         corrected_rho(two_class, ["0", "1"], ["red", "green"], "colour", [[0.9, 0.1], [0.2, 0.8]])
+
+
+def test_figure_formats_are_checked_as_a_usage_error():
+    from biasamp.analysis.plots import check_formats
+
+    assert check_formats(["png", "pdf"]) == ["png", "pdf"] and check_formats("svg") == ["svg"]
+    with pytest.raises(UsageError, match=r"^formats=\['png', 'jpg'\]: unknown figure format\(s\) \['jpg'\]"):
+        check_formats(["png", "jpg"])
+
+
+def test_n_boot_is_checked_as_a_usage_error(two_class):
+    from biasamp.analysis.intervals import check_n_boot
+
+    assert check_n_boot(2000) == 2000 and check_n_boot(np.int64(5)) == 5 and check_n_boot(300.0) == 300
+    for bad in (0, -5, 2.5, True, "many"):
+        with pytest.raises(UsageError, match=r"^n_boot=.* is not allowed: an integer >= 1"):
+            bootstrap_interval(5, 10, n_boot=bad)
+    with pytest.raises(UsageError, match="^n_boot=0"):
+        corrected_rho(two_class, ["0", "1"], ["red", "green"], "colour", [[90, 10], [20, 80]], n_boot=0)

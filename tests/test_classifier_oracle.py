@@ -4,15 +4,18 @@ ClassifierOracle on real images, the count app with oracle=classifier, and bad i
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from biasamp.data import BiasedMNIST
-from tests.conftest import run_app, run_count
+from biasamp.errors import UsageError
+from tests.conftest import CONF_DIR, run_app, run_count
 
 ORACLE_ARGS = ["dataset.classes_to_use=[0,1]", "dataset.img_resolution=16", "max_steps=12", "batch_size=32"]
 
@@ -95,41 +98,172 @@ def test_count_with_classifier_oracle_records_confusion(tiny_checkpoint, bias_or
 
 
 def test_bad_oracle_inputs_are_one_line(tiny_checkpoint, bias_oracle, tmp_path):
-    from biasamp.count import check_and_plan
+    from biasamp.counting.plan import plan_job
+    from biasamp.counting.schema import check_count_config
     from biasamp.oracles import ClassifierOracle, build_oracle
     from tests.test_count import compose_count
 
+    def check_and_plan(cfg):
+        return plan_job(check_count_config(cfg))
+
     missing = tmp_path / "missing.ckpt"
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UsageError) as err:
         check_and_plan(compose_count([f"checkpoint={tiny_checkpoint}", "oracle=classifier",
                                       f"oracle.checkpoint={missing}"]))
-    assert str(err.value).startswith("oracle checkpoint not found") and "\n" not in str(err.value)
+    assert str(missing) in str(err.value) and "does not exist" in str(err.value) and "\n" not in str(err.value)
 
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(bias_oracle.read_bytes()[:3000])
-    with pytest.raises(ValueError, match="could not be read"):
+    with pytest.raises(UsageError, match="could not be read"):
         ClassifierOracle.from_checkpoint(corrupt)
 
     # an oracle whose values do not fit the count checkpoint's bias values; no oracle checkpoint at all
     ckpt = torch.load(bias_oracle, weights_only=True)
     other = tmp_path / "other.ckpt"
     torch.save({**ckpt, "value_names": ["blue", "yellow"]}, other)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UsageError) as err:
         check_and_plan(compose_count([f"checkpoint={tiny_checkpoint}", "oracle=classifier",
                                       f"oracle.checkpoint={other}"]))
     assert "['blue', 'yellow']" in str(err.value) and "['red', 'green']" in str(err.value)
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="needs oracle.checkpoint="):
+    with pytest.raises(UsageError, match="needs oracle.checkpoint="):
         check_and_plan(compose_count([f"checkpoint={tiny_checkpoint}", "oracle=classifier"]))
 
     from biasamp.checkpoints import load_checkpoint, metadata
     meta = metadata(load_checkpoint(tiny_checkpoint))
-    with pytest.raises(ValueError, match="oracle.foo is not an option"):
+    with pytest.raises(UsageError, match="oracle.foo is not an option"):
         build_oracle({"name": "classifier", "checkpoint": str(bias_oracle), "foo": 1}, meta)
 
     proc = run_app("oracle", [*ORACLE_ARGS, "attribute=foo"], tmp_path / "c")
     assert "attribute='foo' is not allowed" in _one_line_error(proc, "biasamp.oracle: error:")
     assert not list((tmp_path / "c").rglob("oracle.ckpt"))
+
+
+class _Payload:
+    """Pickled into a file, this would run code on loading (here: just a print)."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_oracle_files_that_are_not_oracles_are_usage_errors(bias_oracle, tmp_path, capsys):
+    from biasamp.oracles.classifier import load_oracle_checkpoint
+
+    code = tmp_path / "code.ckpt"
+    torch.save({**torch.load(bias_oracle, weights_only=True), "extra": _Payload()}, code)
+    with pytest.raises(UsageError, match=r"^oracle checkpoint .*code\.ckpt holds code \(pickled Python") as err:
+        load_oracle_checkpoint(code)
+    assert "refused" in str(err.value) and "\n" not in str(err.value)
+    assert "this ran" not in capsys.readouterr().out  # never unpickled
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(UsageError, match="could not be read .*truncated or not a biasamp oracle"):
+        load_oracle_checkpoint(garbage)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(UsageError, match="is not a biasamp oracle checkpoint"):
+        load_oracle_checkpoint(foreign)
+    partial = tmp_path / "partial.ckpt"
+    torch.save({"biasamp_oracle_format": 1, "arch": "resnet18"}, partial)
+    with pytest.raises(UsageError, match="lacks \\['state_dict'"):
+        load_oracle_checkpoint(partial)
+    with pytest.raises(UsageError, match="^oracle checkpoint not found"):
+        load_oracle_checkpoint(tmp_path / "absent.ckpt")
+
+
+def test_oracle_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    from biasamp.oracles.classifier import save_oracle_checkpoint
+
+    path = tmp_path / "o" / "oracle.ckpt"
+    save_oracle_checkpoint(path, {"a": torch.ones(2), "names": ["x"]})
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in path.parent.iterdir()] == ["oracle.ckpt"]  # no temporary file left
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    save_oracle_checkpoint(path, {"a": torch.zeros(2)})
+    assert len(synced) == 2  # the file, then its folder
+
+    def broken_save(obj, handle):
+        handle.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_oracle_checkpoint(path, {"a": torch.full((2,), 7.0)})
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))  # the old file is intact
+    assert [p.name for p in path.parent.iterdir()] == ["oracle.ckpt"]
+
+
+def compose_oracle(overrides: list[str]):
+    import biasamp.oracle  # noqa: F401 - registers the folder resolver
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("oracle_train", overrides=overrides)
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("attribute=colour", r"^attribute='colour' is not allowed"),
+    ("name=a/b", r"^name='a/b' is not allowed: a folder name is one non-empty path component"),
+    ("threads=0", r"^threads=0 is not allowed: a positive integer, or auto"),
+    ("lr=nan", r"^lr=nan is not allowed"),
+    ("rho=null", r"^dataset\.rho=null is not allowed for this dataset.*only for waterbirds and bffhq"),
+    ("dataset.classes_to_use=[4]", r"^dataset=biased_mnist with 1 class is not allowed"),
+    ("+epochs=3", r"^epochs is not a setting of the oracle app"),
+    ("max_epochs=0", r"^max_epochs=0 is not allowed"),
+])
+def test_oracle_check_config_refuses_before_any_work(override, pattern):
+    from biasamp.oracle import check_config
+
+    with pytest.raises(UsageError, match=pattern) as err:
+        check_config(compose_oracle([override]))
+    assert "\n" not in str(err.value)
+
+
+def test_oracle_check_config_passes_the_defaults_and_rho_null_for_real_data():
+    from biasamp.oracle import check_config
+
+    check_config(compose_oracle([]))
+    check_config(compose_oracle(["dataset=waterbirds", "rho=null", "attribute=target"]))
+    with pytest.raises(UsageError, match="^attribute=bias is not allowed for dataset=multicolor_mnist"):
+        check_config(compose_oracle(["dataset=multicolor_mnist"]))
+
+
+def test_a_diverging_oracle_is_a_runtime_error_not_a_usage_error():
+    from biasamp.oracle import AttributeClassifier, OracleTrainingDiverged
+
+    class NaNModel(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 2), float("nan"))
+
+    module = AttributeClassifier(NaNModel(), lr=1e-3, resolution=8, imagenet_norm=False)
+    batch = (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(OracleTrainingDiverged, match="training loss became nan at step 1") as err:
+        module.training_step(batch, 0)
+    assert isinstance(err.value, RuntimeError) and not isinstance(err.value, UsageError)
+
+
+def test_a_library_value_error_keeps_its_traceback(tmp_path, monkeypatch):
+    import biasamp.oracle as app
+    from biasamp.apps import run_app as run_in_app
+
+    def broken(cfg):
+        raise ValueError("a pandas parser bug")
+
+    monkeypatch.setattr(app, "build_dataset", broken)
+    with pytest.raises(ValueError, match="a pandas parser bug"):  # not turned into exit 2
+        run_in_app("oracle", lambda: app.train_oracle(compose_oracle(["device=cpu"]), tmp_path / "out"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([*ORACLE_ARGS, "name=../up"], "name='../up' is not allowed"),
+    (["dataset=waterbirds", "paths.data_dir=/nonexistent"], "Waterbirds metadata not found"),
+    ([*ORACLE_ARGS, "dataset.class_size=1"], "group has only 1 sample(s)"),
+])
+def test_oracle_app_refuses_with_one_line_and_leaves_no_folder(args, needle, tmp_path):
+    proc = run_app("oracle", args, tmp_path)
+    assert needle in _one_line_error(proc, "biasamp.oracle: error:")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
 
 
 def test_class_oracle_adds_class_fidelity_without_changing_the_bias_counts(tiny_checkpoint, tmp_path):

@@ -16,13 +16,15 @@ from biasamp.data import (
     COLOUR_NAMES,
     PALETTE,
     BiasedMNIST,
-    IDXFormatError,
     build_dataset,
+    check_dataset_config,
+    check_rho,
     colourise,
     load_mnist,
     read_idx,
     resize_uint8,
 )
+from biasamp.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path("/work/shared/data")  # full MNIST IDX files on the development machines, if present
@@ -335,41 +337,41 @@ def test_idx_truncated_and_corrupt(tmp_path):
     data = idx_bytes(images)
     short = tmp_path / "short-idx3-ubyte"
     short.write_bytes(data[:-100])
-    with pytest.raises(IDXFormatError, match="truncated") as err:
+    with pytest.raises(UsageError, match="truncated") as err:
         read_idx(short)
     assert str(short) in str(err.value)
     short_gz = tmp_path / "short-idx3-ubyte.gz"
     short_gz.write_bytes(gzip.compress(data)[:200])
-    with pytest.raises(IDXFormatError) as err:
+    with pytest.raises(UsageError) as err:
         read_idx(short_gz)
     assert str(short_gz) in str(err.value)
     bad = tmp_path / "bad-idx3-ubyte"
     bad.write_bytes(b"\x00\x00\x0d\x03" + data[4:])
-    with pytest.raises(IDXFormatError, match="magic") as err:
+    with pytest.raises(UsageError, match="magic") as err:
         read_idx(bad)
     assert str(bad) in str(err.value)
     long = tmp_path / "long-idx1-ubyte"
     long.write_bytes(idx_bytes(np.zeros(4, dtype=np.uint8)) + b"\x01")
-    with pytest.raises(IDXFormatError, match="unexpected bytes"):
+    with pytest.raises(UsageError, match="unexpected bytes"):
         read_idx(long)
     # a labels file where images are expected is refused by magic number
     raw = tmp_path / "mix" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "train-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros(3, dtype=np.uint8)))
     (raw / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(3, dtype=np.uint8)))
-    with pytest.raises(IDXFormatError, match="magic"):
+    with pytest.raises(UsageError, match="magic"):
         load_mnist("torchvision", "train", tmp_path / "mix")
 
 
 def test_missing_files_error_lists_paths(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UsageError) as err:
         load_mnist("torchvision", "train", tmp_path)
     message = str(err.value)
     raw = tmp_path / "MNIST" / "raw"
     assert str(raw / "train-images-idx3-ubyte") in message
     assert str(raw / "train-labels-idx1-ubyte") in message
-    assert "download=true" in message and "copy" in message
-    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte"):
+    assert "download=true" in message and "copy" in message and "\n" not in message
+    with pytest.raises(UsageError, match="t10k-images-idx3-ubyte"):
         BiasedMNIST(rho=0.9, source="torchvision", split="test", data_dir=tmp_path)
 
 
@@ -380,7 +382,7 @@ def test_download_failure_and_success(tmp_path, monkeypatch):
         raise RuntimeError("no network")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(FileNotFoundError, match="no network") as err:
+    with pytest.raises(UsageError, match="no network") as err:
         load_mnist("torchvision", "train", tmp_path, download=True)
     assert str(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte") in str(err.value)
 
@@ -438,8 +440,76 @@ def test_full_60k_build():
     ],
 )
 def test_bad_arguments_name_the_key(kwargs, pattern):
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(UsageError, match=pattern) as err:
         BiasedMNIST(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_check_rho_accepts_shares_and_per_class_lists():
+    assert check_rho(0.95, "dataset.rho") == 0.95 and isinstance(check_rho(1, "dataset.rho"), float)
+    assert check_rho(np.float32(0.5), "dataset.rho") == 0.5
+    assert check_rho([0.9, 0.5], "dataset.rho", num_classes=2) == [0.9, 0.5]
+    assert check_rho(None, "dataset.rho", allow_null=True) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "allow_null", "num_classes", "pattern"),
+    [
+        (None, False, 10, r"^dataset\.rho=null is not allowed.*only for waterbirds and bffhq$"),
+        (1.5, True, None, r"^dataset\.rho=1\.5 is not allowed: give a number in \[0, 1\], or null"),
+        (float("nan"), False, None, r"^dataset\.rho=nan is not allowed"),
+        (True, False, None, r"^dataset\.rho=True is not allowed"),
+        ("0.9", False, 2, r"^dataset\.rho='0\.9' is not allowed"),
+        ([0.9, 0.9], False, None, r"^dataset\.rho=\[0\.9, 0\.9\] is not allowed: give a number in \[0, 1\]$"),
+        ([0.9, 0.9], False, 3, r"^dataset\.rho=\[0\.9, 0\.9\] has 2 values.*one per used class \(3\)"),
+        ([0.9, -0.1], False, 2, r"^dataset\.rho=\[0\.9, -0\.1\]: \[-0\.1\] not in \[0, 1\]"),
+    ],
+)
+def test_check_rho_refuses_with_one_line_naming_the_key(value, allow_null, num_classes, pattern):
+    with pytest.raises(UsageError, match=pattern) as err:
+        check_rho(value, "dataset.rho", allow_null=allow_null, num_classes=num_classes)
+    assert "\n" not in str(err.value) and not isinstance(err.value, ValueError)
+
+
+def test_rho_null_is_refused_by_the_mnist_builders(tmp_path):
+    with pytest.raises(UsageError, match=r"^dataset\.rho=null is not allowed"):
+        BiasedMNIST(rho=None)
+    cfg = compose_dataset("biased_mnist", tmp_path)
+    cfg["rho"] = None
+    with pytest.raises(UsageError, match=r"^dataset\.rho=null is not allowed.*waterbirds and bffhq"):
+        check_dataset_config(cfg)
+    with pytest.raises(UsageError, match=r"^dataset\.rho=null"):
+        build_dataset(cfg)
+    cfg = compose_dataset("multicolor_mnist", tmp_path)
+    cfg["rho_right"] = None
+    with pytest.raises(UsageError, match=r"^dataset\.rho_right=null is not allowed"):
+        build_dataset(cfg)
+
+
+@pytest.mark.parametrize("name", ["waterbirds", "bffhq"])
+def test_rho_null_passes_the_config_check_of_real_datasets(tmp_path, name):
+    cfg = compose_dataset(name, tmp_path)
+    cfg["rho"] = None
+    check_dataset_config(cfg)  # reads no data
+    cfg["rho"] = [0.9, 0.9]  # no per-class lists: the resampling takes one rho
+    with pytest.raises(UsageError, match=r"^dataset\.rho=\[0\.9, 0\.9\] is not allowed.*or null"):
+        check_dataset_config(cfg)
+
+
+def test_check_dataset_config_allows_one_rho_per_used_class(tmp_path):
+    cfg = compose_dataset("biased_mnist", tmp_path)
+    cfg.update(classes_to_use=[3, 5], rho=[1.0, 0.5])
+    check_dataset_config(cfg)
+    cfg["rho"] = [1.0, 0.5, 0.5]
+    with pytest.raises(UsageError, match=r"has 3 values.*one per used class \(2\)"):
+        check_dataset_config(cfg)
+
+
+def test_a_value_error_is_not_a_usage_error():
+    assert not issubclass(UsageError, ValueError) and not issubclass(ValueError, UsageError)
+    with pytest.raises(ValueError):  # pytest.raises(UsageError) would not catch it
+        with pytest.raises(UsageError):
+            raise ValueError("a bug, not a user's mistake")
 
 
 def test_all_aligned_allows_no_confusing_labels():
@@ -448,9 +518,9 @@ def test_all_aligned_allows_no_confusing_labels():
 
 
 def test_load_mnist_bad_source_and_split():
-    with pytest.raises(ValueError, match=r"dataset\.source='mnist'"):
+    with pytest.raises(UsageError, match=r"dataset\.source='mnist'"):
         load_mnist("mnist", "train", "data")
-    with pytest.raises(ValueError, match=r"dataset\.split='validation'"):
+    with pytest.raises(UsageError, match=r"dataset\.split='validation'"):
         load_mnist("embedded", "validation", "data")
 
 
@@ -488,19 +558,19 @@ def test_build_dataset_accepts_dictconfig(tmp_path):
 
 
 def test_build_dataset_unknown_name_and_key(tmp_path):
-    with pytest.raises(ValueError, match=r"dataset='cifar10'.*biased_mnist, multicolor_mnist, waterbirds, bffhq"):
+    with pytest.raises(UsageError, match=r"dataset='cifar10'.*biased_mnist, multicolor_mnist, waterbirds, bffhq"):
         build_dataset({"name": "cifar10", "rho": 0.9})
     cfg = compose_dataset("biased_mnist", tmp_path)
     cfg["colour_jitter"] = 0.1
-    with pytest.raises(ValueError, match=r"dataset\.colour_jitter"):
+    with pytest.raises(UsageError, match=r"dataset\.colour_jitter"):
         build_dataset(cfg)
     cfg = compose_dataset("biased_mnist", tmp_path)
     del cfg["rho"]
-    with pytest.raises(ValueError, match=r"missing key.*dataset\.rho"):
+    with pytest.raises(UsageError, match=r"missing key.*dataset\.rho"):
         build_dataset(cfg)
     cfg = compose_dataset("waterbirds", tmp_path)
     cfg["source"] = "embedded"
-    with pytest.raises(ValueError, match=r"dataset\.source"):
+    with pytest.raises(UsageError, match=r"dataset\.source"):
         build_dataset(cfg)
 
 
@@ -515,9 +585,9 @@ def test_real_datasets_name_the_missing_data(tmp_path, name, required):
     cfg = compose_dataset(name, tmp_path)
     assert list(cfg) == ["name", "data_dir", "rho", "split", "img_resolution", "seed", "on_error"]
     assert cfg["split"] == "pooled" and cfg["img_resolution"] == 64
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UsageError) as err:
         build_dataset(cfg)
-    assert str(tmp_path / required) in str(err.value)
+    assert str(tmp_path / required) in str(err.value) and "\n" not in str(err.value)
     target = tmp_path / required
     if target.suffix == ".csv":
         target.parent.mkdir(parents=True)
@@ -525,7 +595,7 @@ def test_real_datasets_name_the_missing_data(tmp_path, name, required):
     else:
         target.mkdir(parents=True)
     # the first file is there but the data is still incomplete: the next missing piece is named
-    with pytest.raises((ValueError, FileNotFoundError), match="no rows for dataset.split|bffhq/valid"):
+    with pytest.raises(UsageError, match="no rows for dataset.split|bffhq/valid"):
         build_dataset(cfg)
 
 

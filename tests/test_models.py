@@ -12,20 +12,23 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+from biasamp.errors import UsageError
 from biasamp.models import (
     WEIGHTINGS,
     DDPMpp,
     EDMLoss,
     EDMPrecond,
     build_denoiser,
+    check_loss_config,
+    check_model_config,
     loss_weight,
     null_labels,
     one_hot,
 )
-from biasamp.models.ddpmpp import Resample, UNetBlock, positional_embedding
+from biasamp.models.ddpmpp import Resample, UNetBlock, block_channels, positional_embedding
 
 MODEL_CONF = Path(__file__).parents[1] / "conf" / "model"
-NATURAL_RESOLUTION = {"ddpmpp_32": 32, "ddpmpp_bmnist": 32, "ddpmpp_64": 64, "tiny": 32}
+PRESET_RESOLUTION = {"ddpmpp_32": 32, "ddpmpp_bmnist": 32, "ddpmpp_64": 64, "tiny": 32}
 MODEL_YAMLS = sorted(MODEL_CONF.glob("*.yaml"))
 
 
@@ -58,18 +61,18 @@ def test_cifar_config_param_count_matches_edm_without_augment():
 
 
 def test_model_yamls_exist_and_are_named_by_stem():
-    assert {p.stem for p in MODEL_YAMLS} >= set(NATURAL_RESOLUTION)
+    assert {p.stem for p in MODEL_YAMLS} >= set(PRESET_RESOLUTION)
     for path in MODEL_YAMLS:
         cfg = yaml.safe_load(path.read_text())
         assert cfg["name"] == path.stem
-        assert set(cfg) == {"name", "sigma_data", "sigma_min", "sigma_max", "net"}
+        assert set(cfg) == {"name", "img_resolution", "sigma_data", "sigma_min", "sigma_max", "net"}
 
 
 @pytest.mark.parametrize("path", MODEL_YAMLS, ids=lambda p: p.stem)
 def test_each_model_yaml_maps_images_to_images(path):
     torch.manual_seed(0)
-    res = NATURAL_RESOLUTION.get(path.stem, 32)
     cfg = yaml.safe_load(path.read_text())
+    res = cfg["img_resolution"]
     denoiser = build_denoiser(cfg, img_resolution=res, in_channels=3, label_dim=10)
     if path.stem == "ddpmpp_32":  # the yaml is EDM's conditional CIFAR-10 network
         assert sum(p.numel() for p in denoiser.parameters()) == 55_734_147
@@ -319,7 +322,7 @@ def test_loss_weight_non_default_parameters():
 
 def test_unknown_weighting_is_rejected_at_construction():
     for make in (lambda: EDMLoss(weighting="snr"), lambda: loss_weight(torch.ones(1), "snr")):
-        with pytest.raises(ValueError, match="loss.weighting") as info:
+        with pytest.raises(UsageError, match="loss.weighting") as info:
             make()
         message = str(info.value)
         assert "'snr'" in message and all(name in message for name in WEIGHTINGS)
@@ -410,18 +413,94 @@ def test_build_denoiser_accepts_an_omegaconf_config():
 def test_build_denoiser_rejects_bad_net_config(net_update, key, value):
     cfg = load_model_cfg("tiny")
     cfg["net"].update(net_update)
-    with pytest.raises(ValueError, match=key) as info:
+    with pytest.raises(UsageError, match=key) as info:
         build_denoiser(cfg, img_resolution=32, in_channels=3, label_dim=2)
     assert value in str(info.value)
 
 
 def test_build_denoiser_rejects_bad_top_level_config():
     cfg = load_model_cfg("tiny")
-    with pytest.raises(ValueError, match="model.sigma_dta"):
+    with pytest.raises(UsageError, match="model.sigma_dta"):
         build_denoiser({**cfg, "sigma_dta": 0.5}, 32, 3, 2)
-    with pytest.raises(ValueError, match="model.sigma_min"):
+    with pytest.raises(UsageError, match="model.sigma_min"):
         build_denoiser({**cfg, "sigma_min": 100.0}, 32, 3, 2)
-    with pytest.raises(ValueError, match="model.sigma_data"):
+    with pytest.raises(UsageError, match="model.sigma_data"):
         build_denoiser({**cfg, "sigma_data": 0}, 32, 3, 2)
-    with pytest.raises(ValueError, match="img_resolution"):
+    with pytest.raises(UsageError, match="img_resolution"):
         build_denoiser(cfg, 30, 3, 2)  # three levels need a resolution divisible by 4
+    with pytest.raises(UsageError, match="model.img_resolution"):
+        build_denoiser({**cfg, "img_resolution": "32px"}, 32, 3, 2)
+    with pytest.raises(ValueError, match="label_dim"):  # the dataset's count, not a user's value
+        build_denoiser(cfg, 32, 3, -1)
+
+
+@pytest.mark.parametrize(("preset", "resolution"), PRESET_RESOLUTION.items())
+def test_every_model_preset_names_its_resolution_and_fits_it(preset, resolution):
+    cfg = load_model_cfg(preset)
+    assert cfg["img_resolution"] == resolution and cfg["name"] == preset
+    sigmas, net_kwargs = check_model_config(cfg, cfg["img_resolution"])
+    assert sigmas == {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}
+    assert net_kwargs["channel_mult"] == tuple(cfg["net"]["channel_mult"])
+
+
+def test_check_model_config_refuses_what_the_network_would_refuse_without_building_it():
+    cfg = load_model_cfg("tiny")
+    for model_channels, needle in ((6, "block of 18 channels"), (10, "block of 30 channels"),  # 12 + 6, 20 + 10
+                                   (3, "product \\(3\\) must be even")):
+        bad = {**cfg, "net": {**cfg["net"], "model_channels": model_channels}}
+        with pytest.raises(UsageError, match=f"^model.net.model_channels={model_channels} .*{needle}"):
+            check_model_config(bad, 32)
+        with pytest.raises(UsageError):  # and the network itself refuses the same
+            DDPMpp(32, 3, 3, **{k: v for k, v in bad["net"].items()})
+    with pytest.raises(UsageError, match="^img_resolution=30 does not fit model.net.channel_mult of 3 levels"):
+        check_model_config(cfg, 30)
+
+
+@pytest.mark.parametrize(("model_channels", "channel_mult", "num_blocks"), [(8, (1, 2, 2), 1), (16, (1, 2, 2, 2), 2),
+                                                                            (12, (2, 3), 3)])
+def test_block_channels_walks_the_network_as_built(model_channels, channel_mult, num_blocks):
+    net = DDPMpp(32, 3, 3, model_channels=model_channels, channel_mult=channel_mult, num_blocks=num_blocks,
+                 attn_resolutions=())
+    built = [(b.in_channels, b.out_channels) for part in (net.enc, net.dec) for b in part.values()
+             if isinstance(b, UNetBlock)]
+    assert built == block_channels(model_channels, channel_mult, num_blocks)
+
+
+# ---------------------------------------------------------------------------------------------- loss config
+
+
+def test_check_loss_config_accepts_the_train_config():
+    cfg = OmegaConf.to_container(OmegaConf.load(MODEL_CONF.parent / "train.yaml").loss)
+    check_loss_config({**cfg, "sigma_data": 0.5})  # ${model.sigma_data} resolved
+    check_loss_config({})  # every key defaults
+    check_loss_config({"p2_gamma": 0, "p2_k": 0, "P_mean": -3})
+
+
+@pytest.mark.parametrize(
+    ("update", "pattern"),
+    [
+        ({"p2_gamma": -3}, r"^loss\.p2_gamma=-3 is not allowed: a finite number >= 0"),
+        ({"p2_k": -0.5}, r"^loss\.p2_k=-0\.5 is not allowed"),
+        ({"P_std": 0}, r"^loss\.P_std=0 is not allowed: a finite number > 0"),
+        ({"sigma_data": -0.5}, r"^loss\.sigma_data=-0\.5 is not allowed"),
+        ({"P_mean": float("nan")}, r"^loss\.P_mean=nan is not allowed: a finite number"),
+        ({"P_mean": "low"}, r"^loss\.P_mean='low' is not allowed"),
+        ({"min_snr_gamma": 0.0}, r"^loss\.min_snr_gamma=0\.0 is not allowed: a finite number > 0"),
+        ({"weighting": "snr"}, r"^loss\.weighting='snr' is not allowed: use one of edm, debias, p2, min_snr$"),
+        ({"p2_gama": 1.0}, r"^loss\.p2_gama is not a parameter of EDMLoss; allowed keys: _target_, P_mean"),
+        ({"_target_": "torch.nn.MSELoss"}, r"^loss\._target_='torch\.nn\.MSELoss' is not allowed"),
+    ],
+)
+def test_check_loss_config_refuses_bad_values_naming_the_key(update, pattern):
+    cfg = {"_target_": "biasamp.models.EDMLoss", "P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5, "weighting": "p2",
+           **update}
+    with pytest.raises(UsageError, match=pattern) as info:
+        check_loss_config(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_edm_loss_constructor_runs_the_same_check():
+    with pytest.raises(UsageError, match=r"^loss\.p2_gamma=-3 is not allowed"):
+        EDMLoss(weighting="p2", p2_gamma=-3)
+    with pytest.raises(UsageError, match=r"^loss\.P_std=-1\.2"):
+        EDMLoss(P_std=-1.2)

@@ -16,6 +16,7 @@ from biasamp.counting.files import update_results
 from biasamp.data import PALETTE, build_dataset
 from biasamp.data.multicolor_mnist import MultiColorMNIST
 from biasamp.data.stream import to_model_range
+from biasamp.errors import UsageError
 from biasamp.oracles import ColourOracle, build_oracle
 from tests.conftest import run_app, run_train
 
@@ -74,9 +75,10 @@ def test_items_carry_both_bias_indices():
     ({"rho_left": 1.2, "rho_right": 0.9}, "dataset.rho_left=1.2"),
     ({"rho_left": 0.9, "rho_right": [0.9]}, "dataset.rho_right=[0.9]"),
     ({"rho_left": 0.9, "rho_right": 0.9, "class_size": 0}, "dataset.class_size=0"),
+    ({"rho_left": None, "rho_right": 0.9}, "dataset.rho_left=null is not allowed"),
 ])
 def test_bad_settings_name_the_key(kwargs, needle):
-    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UsageError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         MultiColorMNIST(**kwargs)
 
 
@@ -94,14 +96,14 @@ def test_build_oracle_takes_the_halves_from_the_checkpoint_metadata():
             "data": {"bias_attributes": ["left", "right"]}}
     oracle = build_oracle({"name": "colour"}, meta)
     assert oracle.attributes == ["left", "right"] and oracle.value_names == [["red", "green"]] * 2
-    with pytest.raises(ValueError, match="oracle=colour"):
+    with pytest.raises(UsageError, match="oracle=colour"):
         build_oracle({"name": "classifier", "checkpoint": "x.ckpt"}, meta)
 
 
 def test_data_rho_per_attribute_and_no_silent_fallback():
     meta = {"rho_data": 0.99, "data": {"rho_by_attribute": {"left": 0.99, "right": 0.95}}}
     assert data_rho(meta, "right", 2) == 0.95 and data_rho(meta, "left", 2) == 0.99
-    with pytest.raises(ValueError, match="'colour'"):
+    with pytest.raises(UsageError, match="'colour'"):
         data_rho(meta, "colour", 1)
     assert data_rho({"rho_data": 0.9, "data": {}}, "bias", 1) == 0.9  # an old single-attribute checkpoint
 
@@ -124,7 +126,7 @@ def test_train_cli_runs_a_few_steps_and_records_both_rhos(tmp_path):
     proc = run_train(["dataset=multicolor_mnist", "model=tiny", "rho=0.99", "dataset.rho_right=0.8",
                       "dataset.classes_to_use=[0,1]", "batch_size=16", "trainer.max_steps=3", "name=mc"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "runs" / "train" / "mc"
+    run = tmp_path / "runs" / "train" / "mc"  # name=mc: a link to the run folder
     assert json.loads((run / "train_summary.json").read_text())["n_img"] == 48
     (ckpt,) = (run / "checkpoints").glob("ckpt-*.ckpt")
     data = load_checkpoint(ckpt)["hyper_parameters"]["data"]
@@ -133,7 +135,7 @@ def test_train_cli_runs_a_few_steps_and_records_both_rhos(tmp_path):
 
 
 def test_missing_full_mnist_names_the_prepare_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python -m biasamp\.data\.prepare mnist --data-dir"):
+    with pytest.raises(UsageError, match=r"python -m biasamp\.data\.prepare mnist --data-dir"):
         MultiColorMNIST(rho_left=0.9, rho_right=0.9, source="torchvision", data_dir=tmp_path)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from biasamp.data import COLOUR_NAMES, PALETTE, BiasedMNIST
 from biasamp.data.stream import to_model_range
+from biasamp.errors import UsageError
 from biasamp.oracles import ColourOracle, build_oracle
 
 
@@ -67,16 +68,22 @@ def test_build_oracle_orders_values_like_the_classes_and_checks_the_fit():
     assert oracle(_solid((0, 255, 255))).bias.item() == 1  # cyan is the colour of class index 1
     wider = build_oracle({"name": "colour", "allowed_colours": ["red", "cyan", "yellow"]}, meta)
     assert wider.value_names == [["yellow", "cyan", "red"]]
-    with pytest.raises(ValueError, match="lacks the checkpoint's bias colour"):
+    with pytest.raises(UsageError, match="lacks the checkpoint's bias colour"):
         build_oracle({"name": "colour", "allowed_colours": ["red"]}, meta)
-    with pytest.raises(ValueError, match="does not fit dataset 'waterbirds'"):
+    with pytest.raises(UsageError, match="does not fit dataset 'waterbirds'"):
         build_oracle({"name": "colour"}, {**meta, "config": {"dataset": {"name": "waterbirds"}}})
-    with pytest.raises(ValueError, match="oracle.thresh"):
+    with pytest.raises(UsageError, match="oracle.thresh"):
         build_oracle({"name": "colour", "thresh": 3}, meta)
-    with pytest.raises(ValueError, match="oracle='clip'"):
+    with pytest.raises(UsageError, match="oracle='clip'"):
         build_oracle({"name": "clip"}, meta)
-    with pytest.raises(ValueError, match="unknown colour"):
+    with pytest.raises(UsageError, match="unknown colour"):
         ColourOracle(["red", "teal"])
+    with pytest.raises(UsageError, match=r"^oracle\.max_distance='far' is not allowed: a number > 0"):
+        build_oracle({"name": "colour", "max_distance": "far"}, meta)
+    with pytest.raises(UsageError, match=r"^oracle\.min_confidence=1\.0 is not allowed: a number in \[0, 1\)"):
+        build_oracle({"name": "colour", "min_confidence": 1.0}, meta)
+    with pytest.raises(ValueError, match="regions"):  # the checkpoint's own metadata, not a user's setting
+        ColourOracle(["red"], regions=("top",))
 
 
 def test_palette_pairwise_distances_need_the_confidence_guard():

@@ -20,6 +20,7 @@ from biasamp.data.bffhq import BFFHQ
 from biasamp.data.images import decode_image, load_images
 from biasamp.data.resample import rho_resample
 from biasamp.data.waterbirds import Waterbirds
+from biasamp.errors import UsageError
 from tests.conftest import run_train
 
 WB = "waterbird_complete95_forest2water2"
@@ -188,12 +189,12 @@ def test_rho_resample_float_artefacts_and_grouping():
 
 def test_unreachable_rho_names_key_value_and_range(wb_root):
     # 0.99: a=25, c=1 -> conflicting floor(25*.01/.99) = 0, so the requested share cannot be reached
-    with pytest.raises(ValueError, match=r"dataset\.rho=0\.99.*Achievable: rho in about \[0\.1667, 0\.9615\]"):
+    with pytest.raises(UsageError, match=r"dataset\.rho=0\.99.*Achievable: rho in about \[0\.1667, 0\.9615\]"):
         Waterbirds(wb_root, rho=0.99, img_resolution=8)
     labels = np.array([0, 0, 1, 1])
-    with pytest.raises(ValueError, match=r"dataset\.rho=1\.0 cannot be reached"):
+    with pytest.raises(UsageError, match=r"dataset\.rho=1\.0 cannot be reached"):
         rho_resample(labels, np.array([1, 1, 1, 1]), 1.0, seed=0)  # class 0 has no aligned sample
-    with pytest.raises(ValueError, match=r"dataset\.rho=1\.5"):
+    with pytest.raises(UsageError, match=r"dataset\.rho=1\.5"):
         Waterbirds(wb_root, rho=1.5)
 
 
@@ -228,12 +229,12 @@ def test_waterbirds_images_splits_and_dropped(wb_root, capsys):
 
 
 def test_waterbirds_on_error_raise_names_first_bad_file(wb_root):
-    with pytest.raises(ValueError, match=r"truncated\.jpg"):
+    with pytest.raises(UsageError, match=r"truncated\.jpg"):
         Waterbirds(wb_root, rho=None, img_resolution=8, on_error="raise")
     Waterbirds(wb_root, rho=None, split="val", img_resolution=8, on_error="raise")  # no bad file there
-    with pytest.raises(ValueError, match=r"dataset\.on_error='ignore'"):
+    with pytest.raises(UsageError, match=r"dataset\.on_error='ignore'"):
         Waterbirds(wb_root, rho=None, on_error="ignore")
-    with pytest.raises(ValueError, match=r"dataset\.split='validation'"):
+    with pytest.raises(UsageError, match=r"dataset\.split='validation'"):
         Waterbirds(wb_root, rho=None, split="validation")
 
 
@@ -250,21 +251,39 @@ def test_waterbirds_deterministic_by_seed(wb_root):
 
 
 def test_waterbirds_metadata_errors(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UsageError) as err:
         Waterbirds(tmp_path, rho=0.9)
     assert str(tmp_path / WB / "metadata.csv") in str(err.value)
     assert "python -m biasamp.data.prepare waterbirds" in str(err.value)
     folder = tmp_path / WB
     folder.mkdir()
     (folder / "metadata.csv").write_text("img_filename,split,extra\na.jpg,0,1\n")
-    with pytest.raises(ValueError, match=r"missing column\(s\) y, place"):
+    with pytest.raises(UsageError, match=r"missing column\(s\) y, place"):
         Waterbirds(tmp_path, rho=0.9)
     (folder / "metadata.csv").write_text("place,img_filename,y,split\n0,a.jpg,2,0\n1,b.jpg,x,0\n0,c.jpg,1,0\n")
-    with pytest.raises(ValueError, match=r"column 'y' has value\(s\) \['2', 'x'\] outside \[0, 1\]"):
+    with pytest.raises(UsageError, match=r"column 'y' has value\(s\) \['2', 'x'\] outside \[0, 1\]"):
         Waterbirds(tmp_path, rho=0.9)
     (folder / "metadata.csv").write_text("place,img_filename,y,split\n0,a.jpg,1,3\n")
-    with pytest.raises(ValueError, match=r"column 'split' has value\(s\) \['3'\]"):
+    with pytest.raises(UsageError, match=r"column 'split' has value\(s\) \['3'\]"):
         Waterbirds(tmp_path, rho=0.9)
+
+
+def test_waterbirds_unreadable_metadata_is_a_usage_error(tmp_path):
+    folder = tmp_path / WB
+    folder.mkdir()
+    (folder / "metadata.csv").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"metadata\.csv: not a readable CSV file") as err:
+        Waterbirds(tmp_path, rho=0.9)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("builder", ["waterbirds", "bffhq"])
+def test_rho_null_keeps_the_split_through_the_registry(builder, wb_root, bf_root):
+    root = wb_root if builder == "waterbirds" else bf_root
+    ds = build_dataset({"name": builder, "data_dir": str(root), "rho": None, "img_resolution": 8})
+    expected = WB_GROUPS if builder == "waterbirds" else {g: BF_TRAIN[g] + BF_VALID[g] + BF_TEST[g]
+                                                          for g in BF_TRAIN}
+    assert group_counts(ds) == expected and ds.summary()["rho_requested"] is None
 
 
 # ---------------------------------------------------------------- BFFHQ
@@ -286,9 +305,9 @@ def test_bffhq_layout_splits_crop_and_dropped(bf_root, capsys):
     assert group_counts(BFFHQ(bf_root, rho=None, split="train", img_resolution=8)) == BF_TRAIN
     assert group_counts(BFFHQ(bf_root, rho=None, split="valid", img_resolution=8)) == BF_VALID
     assert group_counts(BFFHQ(bf_root, rho=None, split="test", img_resolution=8)) == BF_TEST
-    with pytest.raises(ValueError, match=r"no_labels_here\.png: name does not parse"):
+    with pytest.raises(UsageError, match=r"no_labels_here\.png: name does not parse"):
         BFFHQ(bf_root, rho=None, split="valid", on_error="raise")
-    with pytest.raises(ValueError, match=r"99999_0_0\.png: unreadable"):
+    with pytest.raises(UsageError, match=r"99999_0_0\.png: unreadable"):
         BFFHQ(bf_root, rho=None, split="test", on_error="raise")
 
 
@@ -303,12 +322,12 @@ def test_bffhq_folder_must_match_name(tmp_path):
 
 
 def test_bffhq_missing_folder_names_path(tmp_path):
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UsageError) as err:
         BFFHQ(tmp_path, rho=0.9)
     assert str(tmp_path / "bffhq" / "0.5pct") in str(err.value)
     assert "python -m biasamp.data.prepare bffhq" in str(err.value)
     (tmp_path / "bffhq" / "0.5pct").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "bffhq" / "valid")):
+    with pytest.raises(UsageError, match=str(tmp_path / "bffhq" / "valid")):
         BFFHQ(tmp_path, rho=0.9)
 
 
@@ -335,7 +354,7 @@ def test_decode_centre_crops_and_resizes_antialiased(tmp_path):
     images, kept, dropped = load_images([tmp_path / "s.png", tmp_path / "absent.png"], 10, "skip")
     assert kept.tolist() == [True, False] and images.shape == (1, 3, 10, 10)
     assert dropped == [(str(tmp_path / "absent.png"), "missing file")]
-    with pytest.raises(ValueError, match="absent.png"):
+    with pytest.raises(UsageError, match="absent.png"):
         load_images([tmp_path / "s.png", tmp_path / "absent.png"], 10, "raise")
 
 
@@ -344,6 +363,7 @@ def test_decode_centre_crops_and_resizes_antialiased(tmp_path):
 
 @pytest.mark.parametrize("name", ["waterbirds", "bffhq"])
 def test_registry_builds_from_config(name, wb_root, bf_root):
+    """The dataset node of the train config, and of the paper preset, builds from the fixture."""
     from tests.conftest import compose_train
 
     root = wb_root if name == "waterbirds" else bf_root
@@ -353,15 +373,35 @@ def test_registry_builds_from_config(name, wb_root, bf_root):
     ds = build_dataset(cfg)
     assert ds.name == name and ds.img_resolution == 64 and ds.seed == 1 and ds.rho_effective == 0.5
     bad = {**dict(cfg), "colour_jitter": 0.1}
-    with pytest.raises(ValueError, match=r"dataset\.colour_jitter"):
+    with pytest.raises(UsageError, match=r"dataset\.colour_jitter"):
         build_dataset(bad)
 
 
+@pytest.mark.parametrize("name, label_dropout, lr, batch, kimg, halflife", [
+    ("waterbirds", 0.15, 2e-4, 64, 15000, 200),
+    ("bffhq", 0.3, 1e-6, 128, 90000, 500),  # the seed's fine-tuning lr, kept as published
+])
+def test_paper_presets_carry_the_seed_table(name, label_dropout, lr, batch, kimg, halflife):
+    from tests.conftest import compose_train
+
+    cfg = compose_train([f"experiment=paper_{name}", "rho=null"])
+    assert cfg.dataset.name == name and cfg.dataset.rho is None and cfg.dataset.img_resolution == 64
+    assert cfg.model.name == "ddpmpp_64" and cfg.model.img_resolution == 64
+    net = cfg.model.net
+    assert (net.model_channels, list(net.channel_mult), net.num_blocks, list(net.attn_resolutions)) == (
+        128, [1, 2, 2, 2], 4, [16])
+    assert (net.dropout, net.label_dropout) == (0.1, label_dropout)
+    assert (cfg.optimizer.lr, cfg.batch_size, cfg.total_kimg, cfg.ema.halflife_kimg) == (lr, batch, kimg, halflife)
+    assert cfg.lr_schedule._target_.endswith("CosineToZero") and cfg.trainer.accelerator == "gpu"
+
+
 @pytest.mark.parametrize("name, rho", [("waterbirds", 0.95), ("bffhq", 0.8)])
-def test_train_cli_smoke_on_fixture(name, rho, wb_root, bf_root, tmp_path):
+def test_paper_preset_trains_on_the_fixture_on_cpu(name, rho, wb_root, bf_root, tmp_path):
+    """experiment=paper_<name> as docs/datasets.md runs it, made small: the CPU trainer and the tiny model at its
+    32 px, for three steps."""
     root = wb_root if name == "waterbirds" else bf_root
-    proc = run_train([f"dataset={name}", f"rho={rho}", f"paths.data_dir={root}", "model=tiny",
-                      "trainer.max_steps=3", "batch_size=8", "name=smoke"], cwd=tmp_path)
+    proc = run_train([f"experiment=paper_{name}", f"rho={rho}", f"paths.data_dir={root}", "trainer=cpu", "model=tiny",
+                      "dataset.img_resolution=32", "trainer.max_steps=3", "batch_size=8", "name=smoke"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dropped 2 file(s)" in proc.stderr
     assert list((tmp_path / "runs" / "train" / "smoke" / "checkpoints").glob("*.ckpt"))

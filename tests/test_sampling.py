@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 from torch import nn
 
+from biasamp.errors import UsageError
 from biasamp.models import EDMPrecond, one_hot
 from biasamp.sampling import (
     SAMPLER_DEFAULTS,
@@ -531,13 +532,13 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("cfg, key", BAD_CONFIGS, ids=[k for _, k in BAD_CONFIGS])
 def test_bad_sampler_configs_fail_before_any_work(cfg, key):
     denoiser, noise = mixture(), RecordingNoise(0, torch.arange(2), SHAPE)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UsageError) as info:
         sample(denoiser, noise, cfg, SIGMA_MIN, SIGMA_MAX)
     message = str(info.value)
     assert message.startswith(f"{key}=") and "\n" not in message and "allowed" in message
     assert denoiser.calls == 0 and noise.draws == []
     if cfg.get("sigma_min") != 100.0:  # that one is wrong only against the model's range
-        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        with pytest.raises(UsageError, match=key.replace(".", r"\.")):
             check_sampler_config(cfg)
 
 
@@ -632,7 +633,7 @@ def test_guidance_conventions_agree():
         torch.testing.assert_close(apply_guidance(dc, du, w), du + scale * (dc - du))
         torch.testing.assert_close(apply_guidance(dc, du, w), (1 + w) * dc - w * du)
     torch.testing.assert_close(apply_guidance(dc, du, 0.0), dc)
-    with pytest.raises(ValueError):
+    with pytest.raises(UsageError, match=r"^guidance scale=0\.5 is not allowed"):
         guidance_from_scale(0.5)
 
 
@@ -665,12 +666,19 @@ def test_guidance_unconditional_labels_and_nfe():
 
 
 def test_guidance_rejects_bad_values():
-    with pytest.raises(ValueError, match="^guidance="):
+    with pytest.raises(UsageError, match="^guidance=-1.0 is not allowed"):
         guided_denoiser(FakeNet(), None, guidance=-1.0)
-    with pytest.raises(ValueError, match="^guidance_uncond="):
+    with pytest.raises(UsageError, match="^guidance=nan is not allowed"):
+        guided_denoiser(FakeNet(), None, guidance=float("nan"))
+    with pytest.raises(UsageError, match="^guidance_uncond='mean' is not allowed"):
         guided_denoiser(FakeNet(), None, guidance=1.0, uncond="mean")
-    with pytest.raises(ValueError, match="guidance_interval"):
+    with pytest.raises(UsageError, match=r"^guidance_interval=\(5\.0, 1\.0\) is not allowed"):
         guided_denoiser(FakeNet(), None, guidance=1.0, interval=(5.0, 1.0))
+    with pytest.raises(UsageError, match="^guidance_interval=.*give \\[lo, hi\\]"):
+        guided_denoiser(FakeNet(), None, guidance=1.0, interval=("low", "high"))
+    x, _, labels, _, _ = guidance_inputs(3)
+    with pytest.raises(ValueError, match="class_labels"):  # a caller's tensor, not a user's setting
+        guided_denoiser(FakeNet(), labels[:, :1], guidance=1.0, label_dim=labels.shape[1])
 
 
 class ZeroNet(nn.Module):

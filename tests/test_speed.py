@@ -14,17 +14,18 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from biasamp.errors import UsageError
 from biasamp.models import EDMLoss, build_denoiser, one_hot
 from biasamp.speed import (
     FastDenoiser,
-    SpeedConfigError,
+    check_train_speed,
     device_type,
     fast_denoiser,
     resolve_precision,
     resolve_switch,
     train_speed,
 )
-from biasamp.training import ConfigError, DiffusionModule, check_train_config
+from biasamp.training import DiffusionModule, check_train_config
 from tests.conftest import compose_train
 from tests.test_count import compose_count
 
@@ -87,7 +88,7 @@ def test_train_config_switches_resolve_per_trainer():
     ("+speed.cuda_graphs=true", "speed.cuda_graphs is not a known key"),
 ])
 def test_bad_train_speed_values_are_named(override, needle):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UsageError) as err:
         check_train_config(compose_train([override]))
     assert needle in str(err.value) and "\n" not in str(err.value)
 
@@ -98,18 +99,31 @@ def test_bad_train_speed_values_are_named(override, needle):
     ("channels_last=2", "channels_last=2 is not allowed"),
     ("compile_mode=turbo", "compile_mode='turbo' is not allowed"),
 ])
-def test_bad_count_speed_values_are_named_before_loading(override, needle):
-    from biasamp.count import check_and_plan
+def test_bad_count_speed_values_are_named_before_loading(override, needle, tiny_checkpoint):
+    from biasamp.counting.schema import check_count_config
 
-    cfg = compose_count(["checkpoint=/nonexistent.ckpt", override])  # checked before the checkpoint is read
-    with pytest.raises(ValueError) as err:
-        check_and_plan(cfg)
+    cfg = compose_count([f"checkpoint={tiny_checkpoint}", override])  # the schema reads no checkpoint
+    with pytest.raises(UsageError) as err:
+        check_count_config(cfg)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 def test_fast_denoiser_needs_a_resolved_precision():
-    with pytest.raises(SpeedConfigError, match="resolved precision"):
+    with pytest.raises(ValueError, match="resolved precision"):  # the caller's job, not the user's
         FastDenoiser(build_denoiser(TINY, 32, 3, 2), precision="auto")
+    with pytest.raises(UsageError, match="^precision='fp16' is not allowed: use fp32, bf16 or auto"):
+        FastDenoiser(build_denoiser(TINY, 32, 3, 2), precision="fp16")
+
+
+@pytest.mark.parametrize("speed, needle", [
+    ({"compile": "maybe"}, "^speed.compile='maybe' is not allowed: use true, false or auto"),
+    ({"compile_mode": "turbo"}, "^speed.compile_mode='turbo' is not allowed: use one of default"),
+    ({"cuda_graphs": True}, "^speed.cuda_graphs is not a known key"),
+])
+def test_check_train_speed_raises_usage_errors(speed, needle):
+    with pytest.raises(UsageError, match=needle) as err:
+        check_train_speed(speed)
+    assert not isinstance(err.value, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -260,39 +274,32 @@ def test_padded_batches_give_the_same_images_and_counts(tiny_checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------- count identity
-def test_precision_is_part_of_the_count_job_identity(tiny_checkpoint, tmp_path):
-    from biasamp.count import check_and_plan, setting_name
-    from biasamp.counting.state import CountState
+def _plan(cfg):
+    from biasamp.counting.plan import plan_job
+    from biasamp.counting.schema import check_count_config
 
+    return plan_job(check_count_config(cfg))
+
+
+def test_precision_is_part_of_the_count_job_identity(tiny_checkpoint):
     args = [f"checkpoint={tiny_checkpoint}", "fabric.accelerator=cpu"]
-    fp32, bf16, auto = (compose_count([*args, f"precision={p}"]) for p in ("fp32", "bf16", "auto"))
+    fp32, bf16, auto = (_plan(compose_count([*args, f"precision={p}"])) for p in ("fp32", "bf16", "auto"))
     assert auto.job_name == fp32.job_name  # auto on the CPU is fp32
-    assert bf16.job_name != fp32.job_name and "-bf16-" in bf16.job_name
-    # fp32 jobs keep the folder names they had before precision was a setting
-    legacy = setting_name(fp32.sampler, fp32.guidance, fp32.guidance_uncond, fp32.guidance_interval, fp32.oracle,
-                          fp32.seed)
-    assert fp32.job_name.endswith(legacy)
-    plan32, plan16 = check_and_plan(fp32), check_and_plan(bf16)
-    assert (plan32.precision, plan16.precision) == ("fp32", "bf16")
-    assert plan32.fingerprint != plan16.fingerprint
-    state = CountState(plan32.fingerprint, (2, 2))
-    state.add("0", np.array([3, 1, 0, 0]), 4)
-    state.save(tmp_path)
-    with pytest.raises(ValueError, match="precision or class oracle differ"):  # an fp32 job is never continued as bf16
-        CountState.load_or_new(tmp_path, plan16.fingerprint, (2, 2))
-    assert CountState.load_or_new(tmp_path, plan32.fingerprint, (2, 2)).done == {"0": 4}
+    assert bf16.job_name != fp32.job_name and "-bf16-" in bf16.job_name and "-bf16-" not in fp32.job_name
+    assert (fp32.settings.precision, bf16.settings.precision) == ("fp32", "bf16")
+    assert (fp32.identity["precision"], bf16.identity["precision"]) == ("fp32", "bf16")
 
 
 def test_jobs_of_one_process_reuse_the_prepared_denoiser(tiny_checkpoint):
     """A multirun's jobs over one checkpoint share the prepared (compiled) denoiser; other switches do not."""
-    from biasamp.count import check_and_plan, prepared_denoiser
+    from biasamp.counting.runner import prepared_denoiser
 
     args = [f"checkpoint={tiny_checkpoint}", "fabric.accelerator=cpu", "compile=false"]
-    cfg_a, cfg_b = compose_count([*args, "guidance=0"]), compose_count([*args, "guidance=3", "sampler.num_steps=6"])
-    first = prepared_denoiser(check_and_plan(cfg_a), torch.device("cpu"), cfg_a)
-    assert prepared_denoiser(check_and_plan(cfg_b), torch.device("cpu"), cfg_b) is first
-    cfg_c = compose_count([*args, "precision=bf16"])
-    other = prepared_denoiser(check_and_plan(cfg_c), torch.device("cpu"), cfg_c)
+    plan_a = _plan(compose_count([*args, "guidance=0"]))
+    plan_b = _plan(compose_count([*args, "guidance=3", "sampler.num_steps=6"]))
+    first = prepared_denoiser(plan_a, torch.device("cpu"))
+    assert prepared_denoiser(plan_b, torch.device("cpu")) is first
+    other = prepared_denoiser(_plan(compose_count([*args, "precision=bf16"])), torch.device("cpu"))
     assert other is not first and other.precision == "bf16"
 
 

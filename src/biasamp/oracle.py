@@ -6,16 +6,19 @@ balanced resample of the real training data: every (class, bias) group is first 
 (seeded, with replacement beyond a group's size) to the size of the largest one, so the classifier cannot
 use the class as a shortcut for the bias, nor the bias for the class. After training it measures, on the
 held-out data, the confusion counts, the accuracy of every group, the overall accuracy and the accuracy
-under added Gaussian noise, and writes ``oracle.ckpt`` (loadable with ``weights_only=True``) and
-``metrics.json``. Every value is checked before any work; a bad one stops the app with one line on stderr
-and exit status 2.
+under added Gaussian noise, and writes ``oracle.ckpt`` (loadable with ``weights_only=True``; written atomically
+and fsynced) and ``metrics.json``.
+
+Every setting is checked by :func:`check_config` before any work (the dataset's files aside, which only its
+builder can read); a bad one is a UsageError: one line on stderr and exit status 2, and no output folder left.
+Any other exception (a bug, a numpy or pandas error) keeps its traceback; a loss that becomes NaN or infinite
+stops training with :class:`OracleTrainingDiverged`.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,18 +31,36 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from biasamp.apps import cpu_threads, run_app, set_cpu_threads
 from biasamp.atomic import atomic_write_json
-from biasamp.data import build_dataset
+from biasamp.data import build_dataset, check_dataset_config
+from biasamp.data.registry import config_classes_and_attributes
 from biasamp.data.stream import to_model_range
-from biasamp.oracles.classifier import ARCHS, ORACLE_FORMAT, build_classifier, prepare_images
+from biasamp.errors import UsageError
+from biasamp.identity import check_folder_name, safe_folder_part
+from biasamp.oracles.classifier import (
+    ARCHS,
+    ORACLE_FORMAT,
+    build_classifier,
+    prepare_images,
+    pretrained_weights_path,
+    save_oracle_checkpoint,
+)
 
 ATTRIBUTES = ("bias", "target")
 DEVICES = ("auto", "cpu", "cuda")
 EVAL_BATCH = 512
+CKPT_NAME = "oracle.ckpt"
+TOP_KEYS = ("dataset", "paths", "attribute", "rho", "seed", "arch", "pretrained", "img_resolution", "batch_size",
+            "max_epochs", "max_steps", "lr", "val_fraction", "noise_sigmas", "device", "threads", "name")
+
+# ${biasamp_oracle_folder:${name}}: the output folder Hydra makes, harmless whatever name= holds (check_config
+# then refuses a bad name, and the app removes the empty folder)
+OmegaConf.register_new_resolver("biasamp_oracle_folder", safe_folder_part, replace=True)
 
 
-class OracleConfigError(ValueError):
-    """An oracle-training setting that cannot work; the message is one line."""
+class OracleTrainingDiverged(RuntimeError):
+    """The classifier's training loss became NaN or infinite (not a usage error: the traceback is kept)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -50,37 +71,69 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto: CUDA when available, else the CPU; cpu and cuda as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Check every option of the app (not the dataset's, which its builder checks)."""
+    """Check every setting of the app before any work, the dataset config included (its keys and rho values;
+    its files are read only by its builder). Raises UsageError with one line naming the key."""
+    unknown = sorted(set(cfg) - set(TOP_KEYS))
+    if unknown:
+        raise UsageError(f"{unknown[0]} is not a setting of the oracle app; allowed: {', '.join(TOP_KEYS)}")
+    check_folder_name("name", cfg.name)
     if cfg.attribute not in ATTRIBUTES:
-        raise OracleConfigError(f"attribute={cfg.attribute!r} is not allowed: use bias (predict the bias value) "
-                                "or target (predict the class)")
+        raise UsageError(f"attribute={cfg.attribute!r} is not allowed: use bias (predict the bias value) "
+                         "or target (predict the class)")
     if cfg.arch not in ARCHS:
-        raise OracleConfigError(f"arch={cfg.arch!r} is not known; available: {list(ARCHS)}")
+        raise UsageError(f"arch={cfg.arch!r} is not known; available: {list(ARCHS)}")
     if not isinstance(cfg.pretrained, bool):
-        raise OracleConfigError(f"pretrained={cfg.pretrained!r} is not allowed: use true or false")
+        raise UsageError(f"pretrained={cfg.pretrained!r} is not allowed: use true or false")
+    if cfg.pretrained and not pretrained_weights_path(cfg.arch).is_file():
+        raise UsageError(f"pretrained=true needs torchvision's ImageNet {cfg.arch} weights at "
+                         f"{pretrained_weights_path(cfg.arch)} (they are not downloaded here); place the file "
+                         "there or use pretrained=false")
     if cfg.img_resolution is not None and (not _is_int(cfg.img_resolution) or cfg.img_resolution < 8):
-        raise OracleConfigError(f"img_resolution={cfg.img_resolution!r} is not allowed: an integer >= 8, or null "
-                                "(the dataset's)")
+        raise UsageError(f"img_resolution={cfg.img_resolution!r} is not allowed: an integer >= 8, or null "
+                         "(the dataset's)")
     for key in ("batch_size", "max_epochs"):
         if not _is_int(cfg[key]) or cfg[key] < 1:
-            raise OracleConfigError(f"{key}={cfg[key]!r} is not allowed: must be an integer >= 1")
+            raise UsageError(f"{key}={cfg[key]!r} is not allowed: must be an integer >= 1")
     if cfg.max_steps is not None and (not _is_int(cfg.max_steps) or cfg.max_steps < 1):
-        raise OracleConfigError(f"max_steps={cfg.max_steps!r} is not allowed: an integer >= 1, or null "
-                                "(max_epochs decides)")
+        raise UsageError(f"max_steps={cfg.max_steps!r} is not allowed: an integer >= 1, or null "
+                         "(max_epochs decides)")
     if not _is_real(cfg.lr) or not cfg.lr > 0:
-        raise OracleConfigError(f"lr={cfg.lr!r} is not allowed: must be a number > 0")
+        raise UsageError(f"lr={cfg.lr!r} is not allowed: must be a finite number > 0")
     if not _is_real(cfg.val_fraction) or not 0 < cfg.val_fraction < 1:
-        raise OracleConfigError(f"val_fraction={cfg.val_fraction!r} is not allowed: must be in (0, 1)")
+        raise UsageError(f"val_fraction={cfg.val_fraction!r} is not allowed: must be in (0, 1)")
     if not _is_int(cfg.seed) or cfg.seed < 0:
-        raise OracleConfigError(f"seed={cfg.seed!r} is not allowed: must be an integer >= 0")
-    sigmas = OmegaConf.to_container(cfg.noise_sigmas) if OmegaConf.is_config(cfg.noise_sigmas) else cfg.noise_sigmas
+        raise UsageError(f"seed={cfg.seed!r} is not allowed: must be an integer >= 0")
+    sigmas = _plain(cfg.noise_sigmas)
     if not isinstance(sigmas, list) or not all(_is_real(s) and s >= 0 for s in sigmas):
-        raise OracleConfigError(f"noise_sigmas={sigmas!r} is not allowed: a list of numbers >= 0 (may be empty)")
+        raise UsageError(f"noise_sigmas={sigmas!r} is not allowed: a list of numbers >= 0 (may be empty)")
     if cfg.device not in DEVICES:
-        raise OracleConfigError(f"device={cfg.device!r} is not allowed: use auto, cpu or cuda")
+        raise UsageError(f"device={cfg.device!r} is not allowed: use auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise OracleConfigError("device=cuda but no CUDA device is available; use device=auto or cpu")
+        raise UsageError("device=cuda is not allowed here: no CUDA device is available; use device=auto or cpu")
+    cpu_threads(cfg.threads, "threads")
+
+    dataset = _plain(cfg.dataset)
+    check_dataset_config(dataset)
+    num_classes, bias_attributes = config_classes_and_attributes(dataset)
+    if cfg.attribute == "bias" and len(bias_attributes) != 1:
+        raise UsageError(f"attribute=bias is not allowed for dataset={dataset['name']}: it has "
+                         f"{len(bias_attributes)} bias attributes {bias_attributes} and the oracle app learns one; "
+                         "count its bias with oracle=colour (attribute=target trains its class classifier)")
+    if num_classes < 2:
+        raise UsageError(f"dataset={dataset['name']} with {num_classes} class is not allowed: an oracle tells at "
+                         "least 2 values apart; use at least 2 classes (dataset.classes_to_use)")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -96,8 +149,8 @@ def balanced_split(labels: Any, biases: Any, num_biases: int, val_fraction: floa
     Every non-empty (class, bias) group gives ``floor(val_fraction * n_g)`` (at least 1) random samples to
     the held-out set; its other samples are resampled to the size ``m`` of the largest training part: all of
     them once, in random order, then random extras with replacement. So every group has exactly ``m``
-    training samples and no held-out sample is ever trained on. Raises ValueError (one line) for a group too
-    small to split.
+    training samples and no held-out sample is ever trained on. Raises UsageError (one line) for a group too
+    small to split (the dataset settings chose too little data for it).
     """
     rng = np.random.default_rng(int(seed))
     groups = group_ids(np.asarray(labels), np.asarray(biases), num_biases)
@@ -107,8 +160,9 @@ def balanced_split(labels: Any, biases: Any, num_biases: int, val_fraction: floa
         n_val = max(1, int(math.floor(val_fraction * len(idx) + 1e-9)))
         if len(idx) - n_val < 1:
             c, b = divmod(g, num_biases)
-            raise ValueError(f"the (class {c}, bias {b}) group has only {len(idx)} sample(s): too few to hold "
-                             "some out and train on the rest; use more data or a rho nearer to 1/K")
+            raise UsageError(f"the (class {c}, bias {b}) group has only {len(idx)} sample(s): too few to hold "
+                             "some out and train on the rest; use more data (dataset.class_size) or a rho nearer "
+                             "to 1/K")
         held.append(idx[:n_val])
         train_parts[g] = idx[n_val:]
     m = max(len(p) for p in train_parts.values())
@@ -151,8 +205,8 @@ class AttributeClassifier(L.LightningModule):
         loss = F.cross_entropy(self.model(x), targets)
         self.last_loss = float(loss.detach())
         if not math.isfinite(self.last_loss):
-            raise OracleConfigError(f"the training loss became {self.last_loss} at step {self.global_step + 1}; "
-                                    "lower lr")
+            raise OracleTrainingDiverged(f"the oracle's training loss became {self.last_loss} at step "
+                                         f"{self.global_step + 1}; nothing was saved: try a lower lr")
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -183,47 +237,47 @@ def confusion_counts(true: np.ndarray, pred: np.ndarray, num_values: int) -> np.
 
 
 # ------------------------------------------------------------------------------------------- the app
+def training_targets(cfg: DictConfig, dataset: Any) -> tuple[str, list[str], np.ndarray, np.ndarray]:
+    """(attribute name, value names, targets (N,), the bias values (N,) the groups are balanced on).
+
+    For a dataset with several bias attributes (attribute=target only, as check_config ensures) the groups are
+    those of the first attribute. Raises UsageError when a value has no sample (it could not be learned)."""
+    biases = dataset.biases.numpy()
+    if biases.ndim != 1:
+        biases = biases[:, 0]
+    if cfg.attribute == "bias":
+        attribute, value_names, targets = dataset.bias_attributes[0], [str(b) for b in dataset.bias_names], biases
+    else:
+        attribute, value_names, targets = "class", [str(c) for c in dataset.class_names], dataset.labels.numpy()
+    missing = sorted(set(range(len(value_names))) - {int(t) for t in np.unique(targets)})
+    if missing:
+        raise UsageError(f"attribute={cfg.attribute}: value(s) {[value_names[i] for i in missing]} have no sample "
+                         f"in dataset={cfg.dataset.name}; the oracle could not learn them: change rho or the "
+                         "dataset settings")
+    return attribute, value_names, targets, biases
+
+
 def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Check, build the data, train, evaluate, save; returns the saved metrics (without the weights)."""
+    # Check every setting, then build the data (its builder checks the files)
     check_config(cfg)
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        set_cpu_threads(cfg.threads, "threads")
     dataset = build_dataset(cfg.dataset)
-    for key in ("images", "labels", "biases", "class_names", "bias_names"):
-        if not hasattr(dataset, key):
-            raise OracleConfigError(f"dataset={cfg.dataset.name!r} has no in-memory {key!r}; the oracle app needs "
-                                    "images, labels, biases, class_names and bias_names")
     class_names = [str(c) for c in dataset.class_names]
     bias_names = [str(b) for b in dataset.bias_names]
-    labels, biases = dataset.labels.numpy(), dataset.biases.numpy()
-    attributes = list(getattr(dataset, "bias_attributes", None) or ["bias"])
-    if biases.ndim != 1:
-        if cfg.attribute == "bias":
-            raise OracleConfigError(f"dataset={cfg.dataset.name!r} has {len(attributes)} bias attributes "
-                                    f"{attributes}; the oracle app learns one: count its bias with oracle=colour "
-                                    "(attribute=target trains its class classifier)")
-        biases = biases[:, 0]  # a class classifier: balance the groups of the first bias attribute
-    if cfg.attribute == "bias":
-        attribute = attributes[0]
-        value_names, targets = bias_names, biases
-    else:
-        attribute, value_names, targets = "class", class_names, labels
+    labels = dataset.labels.numpy()
+    attribute, value_names, targets, biases = training_targets(cfg, dataset)
     num_values = len(value_names)
-    if num_values < 2:
-        raise OracleConfigError(f"attribute={cfg.attribute}: the dataset has only {value_names} — nothing to "
-                                "tell apart; use at least 2 classes")
-    missing = sorted(set(range(num_values)) - {int(t) for t in np.unique(targets)})
-    if missing:
-        raise OracleConfigError(f"attribute={cfg.attribute}: value(s) {[value_names[i] for i in missing]} have no "
-                                "sample in this dataset; the oracle could not learn them")
     resolution = int(cfg.img_resolution or dataset.images.shape[-1])
     imagenet_norm = bool(cfg.pretrained)
     train_idx, val_idx = balanced_split(labels, biases, len(bias_names), float(cfg.val_fraction), int(cfg.seed))
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    # Train on the balanced resample
     torch.manual_seed(int(cfg.seed))
     model = build_classifier(str(cfg.arch), num_values, pretrained=bool(cfg.pretrained)).to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-
     images = dataset.images  # uint8 (N, 3, H, W); prepare_images resizes each batch to ``resolution``
     y = torch.as_tensor(targets, dtype=torch.long)
     batch = int(cfg.batch_size)
@@ -240,6 +294,7 @@ def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     model = module.model.to(device)
     train_s = time.perf_counter() - start
 
+    # Evaluate on the held-out part of every group, clean and under noise
     val = torch.as_tensor(val_idx)
     true = y[val].numpy()
     pred = predict(model, images[val], resolution, imagenet_norm, device).numpy()
@@ -259,6 +314,8 @@ def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                                                              float(s), noise_gen).numpy() == true).mean())}
              for s in cfg.noise_sigmas]
     train_groups = np.unique(group_ids(labels[train_idx], biases[train_idx], len(bias_names)), return_counts=True)
+
+    # Save: oracle.ckpt (weights + metrics), then metrics.json
     metrics = {
         "biasamp_oracle_format": ORACLE_FORMAT,
         "arch": str(cfg.arch),
@@ -286,25 +343,20 @@ def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "seed": int(cfg.seed),
     }
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    tmp = out_dir / "oracle.ckpt.tmp"
-    torch.save({**metrics, "state_dict": state}, tmp)
-    tmp.replace(out_dir / "oracle.ckpt")
+    save_oracle_checkpoint(out_dir / CKPT_NAME, {**metrics, "state_dict": state})
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (bad input: one line, exit 2, no folder left) and print one summary line."""
     out_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    try:
-        metrics = train_oracle(cfg, out_dir)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as err:
-        print(f"biasamp.oracle: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    metrics = run_app("oracle", lambda: train_oracle(cfg, out_dir), out_dir)
     last = metrics["noise_accuracy"][-1] if metrics["noise_accuracy"] else None
     noise = f", accuracy at noise {last['sigma']:g}={last['accuracy']:.4f}" if last else ""
     print(f"biasamp.oracle: {metrics['attribute']} oracle: held-out accuracy={metrics['accuracy']:.4f} "
           f"(n={metrics['n_heldout']}), worst-group accuracy={metrics['worst_group_accuracy']:.4f}{noise}; "
-          f"checkpoint {out_dir / 'oracle.ckpt'}")
+          f"checkpoint {out_dir / CKPT_NAME}")
     return metrics
 
 

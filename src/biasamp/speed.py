@@ -2,7 +2,7 @@
 
 Every switch takes ``true``, ``false`` or ``"auto"``; auto means on for a CUDA device and off otherwise, so the
 same config runs fast on a GPU and exactly as before on a CPU. Precision takes ``fp32``, ``bf16`` or ``auto``
-(bf16 on CUDA, fp32 elsewhere).
+(bf16 on CUDA, fp32 elsewhere). A value outside these is a :class:`~biasamp.errors.UsageError` naming the key.
 
 Numerics: EDMPrecond computes the preconditioning in fp32 and casts F(x) to fp32, so running the network under
 bf16 autocast keeps D(x) fp32 with only the network's matmuls and convolutions in bf16. Training keeps fp32
@@ -18,13 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from biasamp.errors import UsageError
+
 SWITCH_VALUES = (True, False, "auto")
 PRECISIONS = ("fp32", "bf16", "auto")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-class SpeedConfigError(ValueError):
-    """A speed setting that is not allowed; the message is one line."""
 
 
 def device_type(device: torch.device | str | None) -> str:
@@ -41,7 +39,7 @@ def device_type(device: torch.device | str | None) -> str:
 
 def check_switch(key: str, value: Any) -> None:
     if not any(value is v or (isinstance(v, str) and value == v) for v in SWITCH_VALUES):
-        raise SpeedConfigError(f"{key}={value!r} is not allowed: use true, false or auto (auto: on for CUDA)")
+        raise UsageError(f"{key}={value!r} is not allowed: use true, false or auto (auto: on for CUDA)")
 
 
 def resolve_switch(key: str, value: Any, device: torch.device | str | None) -> bool:
@@ -52,7 +50,7 @@ def resolve_switch(key: str, value: Any, device: torch.device | str | None) -> b
 
 def check_precision(key: str, value: Any) -> None:
     if value not in PRECISIONS:
-        raise SpeedConfigError(f"{key}={value!r} is not allowed: use fp32, bf16 or auto (auto: bf16 on CUDA)")
+        raise UsageError(f"{key}={value!r} is not allowed: use fp32, bf16 or auto (auto: bf16 on CUDA)")
 
 
 def resolve_precision(key: str, value: Any, device: torch.device | str | None) -> str:
@@ -65,7 +63,7 @@ def resolve_precision(key: str, value: Any, device: torch.device | str | None) -
 
 def check_compile_mode(key: str, value: Any) -> None:
     if value not in COMPILE_MODES:
-        raise SpeedConfigError(f"{key}={value!r} is not allowed: use one of {', '.join(COMPILE_MODES)}")
+        raise UsageError(f"{key}={value!r} is not allowed: use one of {', '.join(COMPILE_MODES)}")
 
 
 def compile_module(module: nn.Module, mode: str = "default") -> Callable[..., Tensor]:
@@ -99,7 +97,8 @@ class FastDenoiser:
                  compile: bool = False, compile_mode: str = "default") -> None:
         check_precision("precision", precision)
         if precision == "auto":
-            raise SpeedConfigError("FastDenoiser needs a resolved precision (fp32 or bf16), got 'auto'")
+            raise ValueError("FastDenoiser needs a resolved precision (fp32 or bf16), got 'auto': resolve it first "
+                             "with resolve_precision (or use fast_denoiser)")
         self.denoiser = denoiser.eval().requires_grad_(False)
         if channels_last:
             self.denoiser.to(memory_format=torch.channels_last)
@@ -154,7 +153,7 @@ def check_train_speed(speed: Any) -> None:
     allowed = ("compile", "compile_mode", "channels_last", "fused_adam")
     unknown = [k for k in speed if k not in allowed]
     if unknown:
-        raise SpeedConfigError(f"speed.{unknown[0]} is not a known key: allowed keys are {', '.join(allowed)}")
+        raise UsageError(f"speed.{unknown[0]} is not a known key: allowed keys are {', '.join(allowed)}")
     for key in ("compile", "channels_last", "fused_adam"):
         check_switch(f"speed.{key}", speed.get(key, "auto"))
     check_compile_mode("speed.compile_mode", speed.get("compile_mode", "default"))

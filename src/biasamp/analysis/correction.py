@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from biasamp.analysis.estimates import _aligned_counts, class_value_matrix
-from biasamp.analysis.intervals import check_level
+from biasamp.analysis.intervals import check_level, check_n_boot
 
 # EM stopping rule (largest change of any p_i in one step) and step cap
 EM_TOL = 1e-12
@@ -284,9 +284,7 @@ def corrected_rho(counts: pd.DataFrame, class_names: Sequence[str], value_names:
     seed, and per_class: a list of dicts (class, n, rho_raw, rho_corrected, ci_low, ci_high, p_corrected).
     """
     level = check_level(level)
-    n_boot = int(n_boot)
-    if n_boot < 1:
-        raise ValueError(f"n_boot={n_boot!r} must be >= 1")
+    n_boot = check_n_boot(n_boot)
     if isinstance(confusion_counts, Mapping):
         confusion_counts = confusion_counts_for(confusion_counts, attribute, value_names)
     n_conf = _as_counts(confusion_counts)

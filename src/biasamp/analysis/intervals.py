@@ -15,29 +15,40 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from biasamp.errors import UsageError
 
 METHODS = ("clopper_pearson", "wilson", "jeffreys", "bootstrap")
 
 
 def check_level(level: float) -> float:
-    """``level`` as a float in (0, 1), else ValueError naming ``ci_level``."""
+    """``level`` as a float in (0, 1), else UsageError naming ``ci_level``."""
     try:
-        value = float(level)
+        value = float(level) if not isinstance(level, bool) else math.nan
     except (TypeError, ValueError):
-        raise ValueError(f"ci_level={level!r} must be a number in (0, 1)") from None
+        value = math.nan
     if not 0.0 < value < 1.0:
-        raise ValueError(f"ci_level={level!r} must be in (0, 1)")
+        raise UsageError(f"ci_level={level!r} is not allowed: a number in (0, 1), e.g. 0.95")
     return value
 
 
 def check_method(method: str) -> str:
-    """``method`` if it is one of METHODS, else ValueError naming ``ci_method``."""
-    if method not in METHODS:
-        raise ValueError(f"ci_method={method!r} is not known; allowed: {', '.join(METHODS)}")
+    """``method`` if it is one of METHODS, else UsageError naming ``ci_method``."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise UsageError(f"ci_method={method!r} is not known; allowed: {', '.join(METHODS)}")
     return method
+
+
+def check_n_boot(n_boot: Any) -> int:
+    """``n_boot`` as an int >= 1, else UsageError naming ``n_boot``."""
+    whole = isinstance(n_boot, numbers.Real) and not isinstance(n_boot, bool) and float(n_boot).is_integer()
+    if not whole or n_boot < 1:
+        raise UsageError(f"n_boot={n_boot!r} is not allowed: an integer >= 1 (bootstrap resamples)")
+    return int(n_boot)
 
 
 def _check_counts(k: int, n: int) -> tuple[int, int]:
@@ -106,8 +117,7 @@ def bootstrap_interval(k: int, n: int, level: float = 0.95, n_boot: int = 2000, 
     """
     level = check_level(level)
     k, n = _check_counts(k, n)
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot={n_boot!r} must be >= 1")
+    n_boot = check_n_boot(n_boot)
     if n == 0:
         return math.nan, math.nan
     alpha = 1.0 - level

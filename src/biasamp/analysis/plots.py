@@ -33,6 +33,7 @@ from matplotlib.transforms import offset_copy
 
 from biasamp.analysis.tables import METHOD_NAMES, swept_keys
 from biasamp.atomic import atomic_write_bytes
+from biasamp.errors import UsageError
 
 FIGURE_FORMATS = ("png", "pdf", "svg")
 MAX_LINES = 8
@@ -92,11 +93,19 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
 
 
-def _save(fig: Figure, stem: Path, formats: Sequence[str], dpi: int) -> list[Path]:
+def check_formats(formats: Sequence[str]) -> list[str]:
+    """``formats`` as a list if every one is a figure format matplotlib writes here, else UsageError."""
+    if isinstance(formats, str):
+        formats = [formats]
     unknown = [f for f in formats if f not in FIGURE_FORMATS]
     if unknown:
-        raise ValueError(f"formats={list(formats)!r}: unknown figure format(s) {unknown}; "
+        raise UsageError(f"formats={list(formats)!r}: unknown figure format(s) {unknown}; "
                          f"allowed: {list(FIGURE_FORMATS)}")
+    return list(formats)
+
+
+def _save(fig: Figure, stem: Path, formats: Sequence[str], dpi: int) -> list[Path]:
+    formats = check_formats(formats)
     paths = []
     for fmt in formats:
         buf = io.BytesIO()

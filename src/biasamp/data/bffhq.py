@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from biasamp.data.images import InMemoryImageDataset, check_common, load_images, not_found
-from biasamp.data.resample import check_rho
+from biasamp.data.rho import check_rho
+from biasamp.errors import UsageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 SPLIT_FOLDERS = {"train": ["0.5pct"], "valid": ["valid"], "test": ["test"], "pooled": ["0.5pct", "valid", "test"]}
@@ -82,7 +83,7 @@ class BFFHQ(InMemoryImageDataset):
         name: str = "bffhq",
         on_error: str = "skip",
     ) -> None:
-        rho = check_rho(rho)
+        rho = check_rho(rho, "dataset.rho", allow_null=True)
         check_common(split, list(SPLIT_FOLDERS), img_resolution, seed, on_error)
         root = Path(data_dir) / "bffhq"
         files: list[Path] = []
@@ -96,10 +97,10 @@ class BFFHQ(InMemoryImageDataset):
         dropped = [(str(p), r) for p, r in zip(files, parsed, strict=True) if isinstance(r, str)]
         if dropped and on_error == "raise":
             path, reason = dropped[0]
-            raise ValueError(f"{path}: {reason} (dataset.on_error=raise)")
+            raise UsageError(f"{path}: {reason} (dataset.on_error=raise)")
         named = [(p, r) for p, r in zip(files, parsed, strict=True) if not isinstance(r, str)]
         if not named:
-            raise ValueError(f"no usable image files under {', '.join(str(root / s) for s in SPLIT_FOLDERS[split])}")
+            raise UsageError(f"no usable image files under {', '.join(str(root / s) for s in SPLIT_FOLDERS[split])}")
         images, kept, unreadable = load_images([p for p, _ in named], int(img_resolution), on_error)
         labels = np.array([yz[0] for _, yz in named], dtype=np.int64)[kept]
         biases = np.array([yz[1] for _, yz in named], dtype=np.int64)[kept]

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from biasamp.data.base import InMemoryBiasDataset
 from biasamp.data.mnist import load_mnist
 from biasamp.data.palette import COLOUR_NAMES, PALETTE
+from biasamp.data.rho import check_rho, per_class_rho
+from biasamp.errors import UsageError
 
 _RESIZE_CHUNK = 8192  # images per interpolate call: bounds the float32 working memory (~100 MB)
 
@@ -101,7 +103,7 @@ def class_indices(digit_labels: np.ndarray, digit: int, class_size: int | None, 
     indices = rng.permutation(np.flatnonzero(digit_labels == digit))
     if class_size is not None:
         if class_size > len(indices):
-            raise ValueError(f"dataset.class_size={class_size} is larger than the {len(indices)} images of digit "
+            raise UsageError(f"dataset.class_size={class_size} is larger than the {len(indices)} images of digit "
                              f"{digit} available in {where}")
         indices = indices[:class_size]
     return indices
@@ -111,50 +113,29 @@ def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _validate_classes(classes_to_use: Sequence[int] | None) -> list[int]:
+def check_classes(classes_to_use: Sequence[int] | None) -> list[int]:
+    """``dataset.classes_to_use`` as a list of distinct digits (None: all ten); UsageError otherwise."""
     if classes_to_use is None:
         return list(range(10))
     if isinstance(classes_to_use, str | bytes) or not isinstance(classes_to_use, Sequence):
-        raise ValueError(
+        raise UsageError(
             f"dataset.classes_to_use={classes_to_use!r} must be a list of distinct digits in 0..9 or null"
         )
     bad = [c for c in classes_to_use if not _is_int(c) or not 0 <= c <= 9]
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"dataset.classes_to_use={list(classes_to_use)!r}: {bad!r} not digits; "
             "allowed: distinct ints 0..9"
         )
     classes = [int(c) for c in classes_to_use]
     duplicated = sorted({c for c in classes if classes.count(c) > 1})
     if duplicated:
-        raise ValueError(
+        raise UsageError(
             f"dataset.classes_to_use={classes!r}: digits {duplicated} repeated; allowed: distinct ints 0..9"
         )
     if not classes:
-        raise ValueError("dataset.classes_to_use=[] is empty; allowed: distinct ints 0..9, or null for all")
+        raise UsageError("dataset.classes_to_use=[] is empty; allowed: distinct ints 0..9, or null for all")
     return classes
-
-
-def _validate_rho(rho: float | Sequence[float], num_classes: int, key: str = "dataset.rho") -> list[float]:
-    def ok(x: object) -> bool:
-        return isinstance(x, numbers.Real) and not isinstance(x, bool) and 0.0 <= float(x) <= 1.0
-
-    if isinstance(rho, numbers.Real) and not isinstance(rho, bool):
-        if not ok(rho):
-            raise ValueError(f"{key}={rho!r} must lie in [0, 1]")
-        return [float(rho)] * num_classes
-    if isinstance(rho, Sequence) and not isinstance(rho, str | bytes):
-        if len(rho) != num_classes:
-            raise ValueError(
-                f"{key}={list(rho)!r} has {len(rho)} values; a per-class list needs one per used "
-                f"class ({num_classes})"
-            )
-        if not all(ok(x) for x in rho):
-            raise ValueError(f"{key}={list(rho)!r}: every value must be a number in [0, 1]")
-        return [float(x) for x in rho]
-    raise ValueError(
-        f"{key}={rho!r} must be a number in [0, 1] or a list of {num_classes} such numbers"
-    )
 
 
 def check_options(rho_list: Sequence[float], num_classes: int, n_confusing_labels: int | None,
@@ -164,25 +145,25 @@ def check_options(rho_list: Sequence[float], num_classes: int, n_confusing_label
     if n_confusing_labels is None:
         n_confusing_labels = num_classes - 1
     if not _is_int(n_confusing_labels) or not 0 <= n_confusing_labels <= num_classes - 1:
-        raise ValueError(
+        raise UsageError(
             f"dataset.n_confusing_labels={n_confusing_labels!r}; allowed: an int in "
             f"{int(needs_conflicting)}..{num_classes - 1} for {num_classes} classes, or null (= K - 1)"
         )
     if needs_conflicting and n_confusing_labels < 1:
-        raise ValueError(
+        raise UsageError(
             f"dataset.n_confusing_labels={n_confusing_labels} with rho {list(rho_list)} < 1 is impossible "
             f"for {num_classes} class(es): conflicting samples need at least one other class's "
             f"colour; allowed: 1..{num_classes - 1}"
         )
     if class_size is not None and (not _is_int(class_size) or class_size < 1):
-        raise ValueError(f"dataset.class_size={class_size!r}; allowed: a positive int or null")
+        raise UsageError(f"dataset.class_size={class_size!r}; allowed: a positive int or null")
     if not _is_int(img_resolution) or img_resolution < 1:
-        raise ValueError(f"dataset.img_resolution={img_resolution!r}; allowed: a positive int")
+        raise UsageError(f"dataset.img_resolution={img_resolution!r}; allowed: a positive int")
     if not _is_int(seed):
-        raise ValueError(f"dataset.seed={seed!r}; allowed: an int")
+        raise UsageError(f"dataset.seed={seed!r}; allowed: an int")
     for key, flag in flags.items():
         if not isinstance(flag, bool):
-            raise ValueError(f"dataset.{key}={flag!r}; allowed: true or false")
+            raise UsageError(f"dataset.{key}={flag!r}; allowed: true or false")
     return int(n_confusing_labels)
 
 
@@ -209,6 +190,8 @@ class BiasedMNIST(InMemoryBiasDataset):
         biases: int64 (N,) index 0..K-1 of the class whose colour the background has.
     """
 
+    bias_attributes = ["colour"]
+
     def __init__(
         self,
         rho: float | Sequence[float],
@@ -228,9 +211,10 @@ class BiasedMNIST(InMemoryBiasDataset):
             rho = rho.tolist()
         if isinstance(classes_to_use, np.ndarray | torch.Tensor):
             classes_to_use = classes_to_use.tolist()
-        classes = _validate_classes(classes_to_use)
+        classes = check_classes(classes_to_use)
         num_classes = len(classes)
-        rho_list = _validate_rho(rho, num_classes)
+        rho = check_rho(rho, "dataset.rho", allow_null=False, num_classes=num_classes)
+        rho_list = per_class_rho(rho, num_classes)
         n_confusing_labels = check_options(rho_list, num_classes, n_confusing_labels, class_size, img_resolution,
                                            seed, no_digit=no_digit, download=download)
 
@@ -268,14 +252,11 @@ class BiasedMNIST(InMemoryBiasDataset):
         self.classes_to_use: list[int] = classes
         self.class_names: list[str] = [str(d) for d in classes]
         self.bias_names: list[str] = [COLOUR_NAMES[d] for d in classes]
-        self.bias_attributes = ["colour"]
         self.num_classes: int = num_classes
         self.num_biases: int = num_classes
         self.in_channels: int = 3
         self.img_resolution: int = int(img_resolution)
-        self.rho_requested: float | list[float] = (
-            [float(r) for r in rho] if isinstance(rho, Sequence) else float(rho)
-        )
+        self.rho_requested: float | list[float] = rho
         self.class_counts: list[int] = class_counts
         self.rho_per_class: list[float] = [
             a / n if n else 0.0 for a, n in zip(aligned_counts, class_counts, strict=True)

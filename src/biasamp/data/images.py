@@ -20,27 +20,28 @@ from PIL import Image
 
 from biasamp.data.base import InMemoryBiasDataset
 from biasamp.data.resample import rho_resample
+from biasamp.errors import UsageError, one_line
 
 ON_ERROR = ("skip", "raise")
 N_DROPPED_SHOWN = 5  # how many dropped file names summary() and the warning line show
 
 
 def check_common(split: str, splits: Sequence[str], img_resolution: object, seed: object, on_error: str) -> None:
-    """ValueError naming the dataset key for a bad split, img_resolution, seed or on_error."""
+    """UsageError naming the dataset key for a bad split, img_resolution, seed or on_error."""
     if split not in splits:
-        raise ValueError(f"dataset.split={split!r}; allowed: {', '.join(splits)}")
+        raise UsageError(f"dataset.split={split!r}; allowed: {', '.join(splits)}")
     for key, value in (("img_resolution", img_resolution), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise ValueError(f"dataset.{key}={value!r}; allowed: an int")
+            raise UsageError(f"dataset.{key}={value!r}; allowed: an int")
     if img_resolution < 1:
-        raise ValueError(f"dataset.img_resolution={img_resolution!r}; allowed: a positive int")
+        raise UsageError(f"dataset.img_resolution={img_resolution!r}; allowed: a positive int")
     if on_error not in ON_ERROR:
-        raise ValueError(f"dataset.on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
+        raise UsageError(f"dataset.on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
 
 
-def not_found(what: str, path: Path, name: str, data_dir: str | Path) -> FileNotFoundError:
+def not_found(what: str, path: Path, name: str, data_dir: str | Path) -> UsageError:
     """The error for missing data: the exact expected path and the command that prepares it."""
-    return FileNotFoundError(
+    return UsageError(
         f"{what} not found: expected {path} (dataset.data_dir={data_dir}). "
         f"Run `python -m biasamp.data.prepare {name} --data-dir {data_dir}` (see docs/datasets.md)."
     )
@@ -65,7 +66,7 @@ def _try_decode(path: str | Path, img_resolution: int) -> np.ndarray | str:
     except FileNotFoundError:
         return "missing file"
     except Exception as err:  # noqa: BLE001 - any decoding failure makes the file unusable
-        return f"unreadable ({type(err).__name__}: {err})"
+        return f"unreadable ({type(err).__name__}: {one_line(str(err))})"
 
 
 def load_images(
@@ -74,11 +75,11 @@ def load_images(
     """Decode ``paths`` (in a thread pool) to uint8 (M, 3, R, R), keeping the files that decode.
 
     Returns the images of the kept files (in ``paths`` order), a bool mask over ``paths`` of the kept
-    ones and ``(path, reason)`` for each dropped one. ``on_error="raise"``: a ValueError naming the first
+    ones and ``(path, reason)`` for each dropped one. ``on_error="raise"``: a UsageError naming the first
     bad file instead.
     """
     if on_error not in ON_ERROR:
-        raise ValueError(f"dataset.on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
+        raise UsageError(f"dataset.on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
     workers = max(1, min(16, os.cpu_count() or 1))
     if len(paths) > 1 and workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -89,7 +90,7 @@ def load_images(
     dropped = [(str(p), r) for p, r in zip(paths, results, strict=True) if isinstance(r, str)]
     if dropped and on_error == "raise":
         path, reason = dropped[0]
-        raise ValueError(f"{path}: {reason} (dataset.on_error=raise; on_error=skip drops such files and reports them)")
+        raise UsageError(f"{path}: {reason} (dataset.on_error=raise; on_error=skip drops such files and reports them)")
     images = torch.empty((int(kept.sum()), 3, img_resolution, img_resolution), dtype=torch.uint8)
     for i, array in enumerate(r for r in results if not isinstance(r, str)):
         images[i] = torch.from_numpy(array)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from biasamp.errors import UsageError, one_line
+
 SOURCES: tuple[str, ...] = ("embedded", "torchvision")
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -40,13 +42,9 @@ EMBEDDED_PER_CLASS = 500
 EMBEDDED_TRAIN_PER_CLASS = 400  # first 400 of each digit in file order; the last 100 are "test"
 
 
-class IDXFormatError(ValueError):
-    """An IDX file is truncated, corrupt or not the kind we expected."""
-
-
 def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
+        raise UsageError(f"{key}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
 def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
@@ -54,8 +52,9 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
 
     Layout: a 4-byte big-endian magic number ``0x000008DD`` (0x08 = unsigned byte, DD = number of
     dimensions), then one big-endian uint32 per dimension, then the row-major bytes.
-    Returns a uint8 array of that shape. Raises :class:`IDXFormatError` naming the file when the
-    magic number is wrong or the payload is shorter or longer than the header says.
+    Returns a uint8 array of that shape. Raises :class:`~biasamp.errors.UsageError` naming the file when
+    it cannot be decompressed, the magic number is wrong or the payload is shorter or longer than the header
+    says (a corrupt data file is the user's to replace).
     """
     path = Path(path)
     try:
@@ -65,31 +64,32 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
         else:
             raw = path.read_bytes()
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise IDXFormatError(f"{path}: cannot decompress ({err}); the file is truncated or corrupt") from err
+        raise UsageError(f"{path}: cannot decompress ({one_line(str(err))}); the file is truncated or corrupt: "
+                         "delete it and download it again") from err
 
     if len(raw) < 4:
-        raise IDXFormatError(f"{path}: truncated IDX file ({len(raw)} bytes, no complete header)")
+        raise UsageError(f"{path}: truncated IDX file ({len(raw)} bytes, no complete header)")
     (magic,) = struct.unpack(">I", raw[:4])
     if magic >> 8 != 0x08:
-        raise IDXFormatError(
+        raise UsageError(
             f"{path}: bad IDX magic number 0x{magic:08x}; expected an unsigned-byte IDX file (0x000008..)"
         )
     if expected_magic is not None and magic != expected_magic:
-        raise IDXFormatError(f"{path}: IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
+        raise UsageError(f"{path}: IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise IDXFormatError(f"{path}: truncated IDX file ({len(raw)} bytes, header needs {header})")
+        raise UsageError(f"{path}: truncated IDX file ({len(raw)} bytes, header needs {header})")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     n_bytes = int(np.prod(shape, dtype=np.int64))
     found = len(raw) - header
     if found < n_bytes:
-        raise IDXFormatError(
+        raise UsageError(
             f"{path}: truncated IDX file: header says shape {tuple(shape)} ({n_bytes} bytes of data), "
             f"found {found}; delete it and download again"
         )
     if found > n_bytes:
-        raise IDXFormatError(
+        raise UsageError(
             f"{path}: {found - n_bytes} unexpected bytes after the data of shape {tuple(shape)}"
         )
     return np.frombuffer(raw, dtype=np.uint8, count=n_bytes, offset=header).reshape(shape).copy()
@@ -116,29 +116,26 @@ def _load_torchvision(split: str, data_dir: Path, download: bool) -> tuple[np.nd
             download_error = err
         found = [_find_idx(raw_dir, stem) for stem in stems]
     if None in found:
-        expected = "\n".join(f"  {raw_dir / stem}[.gz]" for stem in stems)
-        how = (
-            f"The download failed ({type(download_error).__name__}: {download_error}). "
-            if download_error is not None
-            else ""
-        )
-        raise FileNotFoundError(
-            f"MNIST {split} IDX files not found (dataset.source=torchvision, dataset.data_dir={data_dir}). "
-            f"Expected, plain or gzipped:\n{expected}\n{how}"
-            f"To get them: run `python -m biasamp.data.prepare mnist --data-dir {data_dir}` on a machine that is "
-            "online (or set dataset.download=true), or copy the IDX files (from any MNIST mirror) into that folder."
+        expected = ", ".join(f"{raw_dir / stem}[.gz]" for stem in stems)
+        how = (f"the download failed ({type(download_error).__name__}: {one_line(str(download_error))}); "
+               if download_error is not None else "")
+        raise UsageError(
+            f"MNIST {split} IDX files not found (dataset.source=torchvision, dataset.data_dir={data_dir}): expected "
+            f"{expected}, plain or gzipped; {how}to get them, run `python -m biasamp.data.prepare mnist --data-dir "
+            f"{data_dir}` on a machine that is online (or set dataset.download=true), or copy the IDX files from "
+            "any MNIST mirror into that folder"
         )
     images_path, labels_path = found
     images = read_idx(images_path, IDX_MAGIC_IMAGES)
     labels = read_idx(labels_path, IDX_MAGIC_LABELS)
     if images.shape[1:] != (28, 28):
-        raise IDXFormatError(f"{images_path}: images of shape {images.shape[1:]}, expected (28, 28)")
+        raise UsageError(f"{images_path}: images of shape {images.shape[1:]}, expected (28, 28)")
     if len(images) != len(labels):
-        raise IDXFormatError(
+        raise UsageError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
         )
     if labels.size and labels.max() > 9:
-        raise IDXFormatError(f"{labels_path}: label {int(labels.max())} outside 0..9")
+        raise UsageError(f"{labels_path}: label {int(labels.max())} outside 0..9")
     return images, labels.astype(np.int64)
 
 
@@ -192,7 +189,7 @@ def load_mnist(
     ``source`` is ``"embedded"`` or ``"torchvision"`` and ``split`` is ``"train"`` or ``"test"`` (see
     the module docstring for what each means). ``data_dir`` and ``download`` only matter for
     ``"torchvision"``: files are looked up under ``<data_dir>/MNIST/raw/``; when missing they are
-    downloaded if ``download`` is true, otherwise a :class:`FileNotFoundError` lists the expected paths.
+    downloaded if ``download`` is true, otherwise a :class:`~biasamp.errors.UsageError` lists the expected paths.
     """
     _check_choice("dataset.source", source, SOURCES)
     _check_choice("dataset.split", split, SPLITS)

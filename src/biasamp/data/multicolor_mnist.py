@@ -30,16 +30,16 @@ import torch
 
 from biasamp.data.base import InMemoryBiasDataset
 from biasamp.data.biased_mnist import (
-    _validate_classes,
-    _validate_rho,
     aligned_count,
     assign_biases,
+    check_classes,
     check_options,
     class_indices,
     resize_uint8,
 )
 from biasamp.data.mnist import load_mnist
 from biasamp.data.palette import COLOUR_NAMES, PALETTE
+from biasamp.data.rho import check_rho, per_class_rho
 
 ATTRIBUTES = ("left", "right")
 
@@ -71,6 +71,8 @@ class MultiColorMNIST(InMemoryBiasDataset):
         ``rho_effective``/``n_aligned``/``rho_per_class`` are those of the first attribute (left).
     """
 
+    bias_attributes = list(ATTRIBUTES)
+
     def __init__(
         self,
         rho_left: float | Sequence[float],
@@ -88,10 +90,11 @@ class MultiColorMNIST(InMemoryBiasDataset):
     ) -> None:
         rho_left, rho_right, classes_to_use = (v.tolist() if isinstance(v, np.ndarray | torch.Tensor) else v
                                                for v in (rho_left, rho_right, classes_to_use))
-        classes = _validate_classes(classes_to_use)
+        classes = check_classes(classes_to_use)
         num_classes = len(classes)
-        rhos = {"left": _validate_rho(rho_left, num_classes, key="dataset.rho_left"),
-                "right": _validate_rho(rho_right, num_classes, key="dataset.rho_right")}
+        rho_left = check_rho(rho_left, "dataset.rho_left", allow_null=False, num_classes=num_classes)
+        rho_right = check_rho(rho_right, "dataset.rho_right", allow_null=False, num_classes=num_classes)
+        rhos = {"left": per_class_rho(rho_left, num_classes), "right": per_class_rho(rho_right, num_classes)}
         n_confusing = check_options(rhos["left"] + rhos["right"], num_classes, n_confusing_labels, class_size,
                                     img_resolution, seed, download=download)
         digits, digit_labels = load_mnist(source, split, data_dir, download=download)
@@ -127,10 +130,9 @@ class MultiColorMNIST(InMemoryBiasDataset):
         self.classes_to_use: list[int] = classes
         self.class_names: list[str] = [str(d) for d in classes]
         self.bias_names: list[str] = [COLOUR_NAMES[d] for d in classes]
-        self.bias_attributes: list[str] = list(ATTRIBUTES)
         self.num_classes = self.num_biases = num_classes
         self.in_channels, self.img_resolution = 3, int(img_resolution)
-        self.rho_requested = {"left": _plain_rho(rho_left), "right": _plain_rho(rho_right)}
+        self.rho_requested = {"left": rho_left, "right": rho_right}
         self.class_counts: list[int] = class_counts
         total = len(labels)
         self.n_aligned_by_attribute = {a: int(sum(aligned[a])) for a in ATTRIBUTES}
@@ -142,6 +144,3 @@ class MultiColorMNIST(InMemoryBiasDataset):
         self.n_conflicting = total - self.n_aligned
         self.rho_effective = self.rho_by_attribute["left"]
 
-
-def _plain_rho(rho: float | Sequence[float]) -> float | list[float]:
-    return [float(r) for r in rho] if isinstance(rho, Sequence) else float(rho)

@@ -17,26 +17,19 @@ stands in for the seed's ``int(x)`` so that float artefacts (``100 * 0.29 = 28.9
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
+
+from biasamp.data.rho import check_rho
+from biasamp.errors import UsageError
 
 
 def _floor(x: float) -> int:
     return math.floor(x + 1e-9)
 
 
-def check_rho(rho: object) -> float | None:
-    """``None`` or a number in [0, 1]; anything else is a ValueError naming dataset.rho."""
-    if rho is None:
-        return None
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0.0 <= float(rho) <= 1.0:
-        raise ValueError(f"dataset.rho={rho!r} must be a number in [0, 1] (or null to keep the split as it is)")
-    return float(rho)
-
-
 def resample_counts(labels: np.ndarray, biases: np.ndarray, rho: float, num_classes: int) -> tuple[int, int]:
-    """(aligned, conflicting) samples per class that the rule keeps; ValueError when rho is unreachable."""
+    """(aligned, conflicting) samples per class that the rule keeps; UsageError when rho is unreachable."""
     labels = np.asarray(labels)
     biases = np.asarray(biases)
     avail_a = [int(((labels == k) & (biases == k)).sum()) for k in range(num_classes)]
@@ -58,7 +51,7 @@ def resample_counts(labels: np.ndarray, biases: np.ndarray, rho: float, num_clas
         amin, cmin = min(avail_a), min(avail_c)
         low = f"{1 / (cmin + 1):.4g}" if cmin else "none"
         high = f"{amin / (amin + 1):.4g}" if amin else "none"
-        raise ValueError(
+        raise UsageError(
             f"dataset.rho={rho} cannot be reached with these data: the resampling keeps {n_aligned} aligned and "
             f"{n_conflicting} conflicting samples per class (available per class: aligned {avail_a}, "
             f"conflicting {avail_c}). Achievable: rho in about [{low}, {high}]"
@@ -77,13 +70,14 @@ def rho_resample(
     """
     labels = np.asarray(labels, dtype=np.int64)
     biases = np.asarray(biases, dtype=np.int64)
-    rho = check_rho(rho)
     if rho is None:
-        raise ValueError("dataset.rho=None: rho_resample needs a number in [0, 1]")
+        raise ValueError("rho_resample needs a number in [0, 1], got None (None keeps the split: do not resample)")
+    rho = check_rho(rho, "dataset.rho", allow_null=False)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if len(labels) else 0
     if num_classes == 0:
-        raise ValueError(f"dataset.rho={rho}: no samples to resample")
+        raise UsageError(f"dataset.rho={rho}: the data holds no samples to resample; check dataset.data_dir and "
+                         "dataset.split")
     n_aligned, n_conflicting = resample_counts(labels, biases, rho, num_classes)
     rng = np.random.default_rng(int(seed))
     parts: list[np.ndarray] = []

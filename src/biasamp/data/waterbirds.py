@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from biasamp.data.images import InMemoryImageDataset, check_common, load_images, not_found
-from biasamp.data.resample import check_rho
+from biasamp.data.rho import check_rho
+from biasamp.errors import UsageError, one_line
 
 FOLDER = "waterbird_complete95_forest2water2"
 REQUIRED_COLUMNS = ("img_filename", "y", "split", "place")
@@ -27,12 +28,17 @@ ALLOWED_VALUES = {"y": (0, 1), "split": (0, 1, 2), "place": (0, 1)}
 
 
 def read_metadata(path: Path) -> pd.DataFrame:
-    """metadata.csv with the required columns checked and y/split/place as int64."""
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    """metadata.csv with the required columns checked and y/split/place as int64; UsageError naming the file
+    and the column otherwise."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not a readable CSV file ({one_line(str(err))}); replace it with the "
+                         "metadata.csv of the Waterbirds release (docs/datasets.md)") from err
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)} "
             f"(found: {', '.join(table.columns)})"
         )
@@ -41,7 +47,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
         numbers = pd.to_numeric(raw, errors="coerce")
         bad = sorted(set(raw[~numbers.isin(allowed)]))
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"{path}: column {column!r} has value(s) {bad[:10]} outside {list(allowed)}"
             )
         table[column] = numbers.astype(np.int64)
@@ -75,7 +81,7 @@ class Waterbirds(InMemoryImageDataset):
         name: str = "waterbirds",
         on_error: str = "skip",
     ) -> None:
-        rho = check_rho(rho)
+        rho = check_rho(rho, "dataset.rho", allow_null=True)
         check_common(split, list(SPLITS), img_resolution, seed, on_error)
         root = Path(data_dir) / FOLDER
         metadata = root / "metadata.csv"
@@ -85,7 +91,7 @@ class Waterbirds(InMemoryImageDataset):
         if SPLITS[split] is not None:
             table = table[table["split"] == SPLITS[split]]
         if table.empty:
-            raise ValueError(f"{metadata}: no rows for dataset.split={split!r}")
+            raise UsageError(f"{metadata}: no rows for dataset.split={split!r}")
 
         paths = [root / f for f in table["img_filename"].str.strip()]
         images, kept, dropped = load_images(paths, int(img_resolution), on_error)

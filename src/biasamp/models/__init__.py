@@ -1,8 +1,8 @@
 """Models: the DDPM++ network, EDM preconditioning, the EDM loss and the config-driven builder."""
 
-from biasamp.models.build import build_denoiser
+from biasamp.models.build import build_denoiser, check_model_config
 from biasamp.models.ddpmpp import DDPMpp
-from biasamp.models.loss import WEIGHTINGS, EDMLoss, loss_weight
+from biasamp.models.loss import WEIGHTINGS, EDMLoss, check_loss_config, loss_weight
 from biasamp.models.precond import EDMPrecond, null_labels, one_hot
 
 __all__ = [
@@ -11,6 +11,8 @@ __all__ = [
     "EDMPrecond",
     "WEIGHTINGS",
     "build_denoiser",
+    "check_loss_config",
+    "check_model_config",
     "loss_weight",
     "null_labels",
     "one_hot",

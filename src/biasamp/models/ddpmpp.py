@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from biasamp.errors import UsageError
+
 SKIP_SCALE = math.sqrt(0.5)  # residual and attention branches are summed, then scaled by sqrt(1/2)
 ZERO_INIT = 1e-5  # "zero" layers: xavier_uniform scaled by 1e-5, so a fresh block starts near the identity
 ATTN_INIT = math.sqrt(0.2)  # qkv projection: xavier_uniform scaled by sqrt(0.2)
@@ -51,15 +53,20 @@ def conv(in_channels: int, out_channels: int, kernel: int, scale: float = 1.0) -
     return layer
 
 
+def group_norm_fits(channels: int) -> bool:
+    """Whether ``channels`` split into min(32, channels // 4) equal groups (what :func:`group_norm` needs)."""
+    groups = min(32, channels // 4)
+    return groups >= 1 and channels % groups == 0
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with min(32, channels // 4) groups (at least 4 channels per group), eps 1e-6."""
-    groups = min(32, channels // 4)
-    if groups < 1 or channels % groups != 0:
-        raise ValueError(
-            f"GroupNorm needs channels divisible into min(32, channels // 4) groups; got {channels} channels "
-            "(check model.net.model_channels and model.net.channel_mult)"
+    if not group_norm_fits(channels):
+        raise UsageError(
+            f"model.net.model_channels and model.net.channel_mult give a block of {channels} channels, which "
+            "GroupNorm cannot split into min(32, channels // 4) equal groups (e.g. model_channels 32, 64 or 128)"
         )
-    return nn.GroupNorm(groups, channels, eps=NORM_EPS)
+    return nn.GroupNorm(min(32, channels // 4), channels, eps=NORM_EPS)
 
 
 def positional_embedding(noise_labels: Tensor, channels: int, max_positions: float = 10000.0) -> Tensor:
@@ -176,6 +183,27 @@ class UNetBlock(nn.Module):
         return x
 
 
+def block_channels(model_channels: int, channel_mult: Sequence[int], num_blocks: int) -> list[tuple[int, int]]:
+    """(in, out) channels of every UNetBlock of :class:`DDPMpp`, encoder then decoder, in build order: the walk
+    of ``DDPMpp.__init__`` without building anything (a config check uses it; a test pins it to the network)."""
+    pairs: list[tuple[int, int]] = []
+    channels, skips = model_channels, []
+    for level, mult in enumerate(channel_mult):
+        if level > 0:
+            pairs.append((channels, channels))  # down block
+        skips.append(channels)
+        for _ in range(num_blocks):
+            pairs.append((channels, model_channels * mult))
+            channels = model_channels * mult
+            skips.append(channels)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        pairs += [(channels, channels)] * (2 if level == len(channel_mult) - 1 else 1)  # in0, in1 | up block
+        for _ in range(num_blocks + 1):
+            pairs.append((channels + skips.pop(), model_channels * mult))
+            channels = model_channels * mult
+    return pairs
+
+
 class DDPMpp(nn.Module):
     """DDPM++ U-Net F(x_in, c_noise, y) for EDM preconditioning.
 
@@ -207,7 +235,7 @@ class DDPMpp(nn.Module):
         self.label_dropout = label_dropout
         self.noise_channels = model_channels * channel_mult_noise
         if self.noise_channels < 4 or self.noise_channels % 2:
-            raise ValueError(
+            raise UsageError(
                 "model.net.model_channels * channel_mult_noise must be even and >= 4 for the positional "
                 f"noise embedding, got {self.noise_channels}"
             )

@@ -7,17 +7,62 @@ Each sample carries its own weight lambda(sigma_i); the result has shape (B,).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from biasamp.errors import UsageError
+
 WEIGHTINGS = ("edm", "debias", "p2", "min_snr")
+TARGETS = ("biasamp.models.EDMLoss", "biasamp.models.loss.EDMLoss")  # the _target_ spellings of EDMLoss
 
 
-def _check_weighting(weighting: str) -> None:
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"loss.weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
+def _check_weighting(weighting: Any) -> None:
+    if not isinstance(weighting, str) or weighting not in WEIGHTINGS:
+        raise UsageError(f"loss.weighting={weighting!r} is not allowed: use one of {', '.join(WEIGHTINGS)}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+# key -> (test, what is allowed), every parameter of EDMLoss but weighting
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "P_mean": (_finite, "a finite number (the mean of ln sigma)"),
+    "P_std": (lambda v: _finite(v) and v > 0, "a finite number > 0 (the spread of ln sigma)"),
+    "sigma_data": (lambda v: _finite(v) and v > 0, "a finite number > 0 (the data's standard deviation)"),
+    "p2_k": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "p2_gamma": (lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0: plain SNR weighting)"),
+    "min_snr_gamma": (lambda v: _finite(v) and v > 0, "a finite number > 0 (the SNR cap)"),
+}
+
+
+def check_loss_config(loss_cfg: Mapping[str, Any]) -> None:
+    """Check a ``loss`` config (the keyword arguments of :class:`EDMLoss`, plus ``_target_``) before any work.
+
+    Raises UsageError (one line naming ``loss.<key>``, the value and what is allowed) for an unknown key, a
+    ``_target_`` other than EDMLoss, a weighting not in WEIGHTINGS, a non-finite P_mean, P_std <= 0,
+    sigma_data <= 0, p2_k < 0, p2_gamma < 0 or min_snr_gamma <= 0. Missing keys take EDMLoss's defaults.
+    """
+    params = [p for p in inspect.signature(EDMLoss.__init__).parameters if p != "self"]
+    unknown = sorted(k for k in loss_cfg if k not in params and k != "_target_")
+    if unknown:
+        raise UsageError(f"loss.{unknown[0]} is not a parameter of EDMLoss; allowed keys: _target_, "
+                         f"{', '.join(params)}")
+    target = loss_cfg.get("_target_", TARGETS[0])
+    if target not in TARGETS:
+        raise UsageError(f"loss._target_={target!r} is not allowed: the loss is {TARGETS[0]} (choose its "
+                         "weighting with loss.weighting)")
+    if "weighting" in loss_cfg:
+        _check_weighting(loss_cfg["weighting"])
+    for key, (ok, allowed) in _RULES.items():
+        if key in loss_cfg and not ok(loss_cfg[key]):
+            raise UsageError(f"loss.{key}={loss_cfg[key]!r} is not allowed: {allowed}")
 
 
 def loss_weight(sigma: Tensor, weighting: str, sigma_data: float = 0.5, p2_k: float = 1.0,
@@ -50,12 +95,8 @@ class EDMLoss:
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
                  weighting: str = "edm", p2_k: float = 1.0, p2_gamma: float = 1.0,
                  min_snr_gamma: float = 5.0) -> None:
-        _check_weighting(weighting)
-        for key, value in (("P_std", P_std), ("sigma_data", sigma_data), ("min_snr_gamma", min_snr_gamma)):
-            if not value > 0:
-                raise ValueError(f"loss.{key} must be positive, got {value!r}")
-        if not p2_k >= 0:
-            raise ValueError(f"loss.p2_k must be non-negative, got {p2_k!r}")
+        check_loss_config({"P_mean": P_mean, "P_std": P_std, "sigma_data": sigma_data, "weighting": weighting,
+                           "p2_k": p2_k, "p2_gamma": p2_gamma, "min_snr_gamma": min_snr_gamma})
         self.P_mean = float(P_mean)
         self.P_std = float(P_std)
         self.sigma_data = float(sigma_data)

@@ -5,10 +5,17 @@ It is trained by ``python -m biasamp.oracle`` on a balanced resample of real lab
 with ``torch.load(..., weights_only=True)``. The checkpoint also carries the oracle's confusion counts on
 held-out real data (``{"<attribute>": {"labels": [...], "counts": [[...]]}}``, rows true, columns predicted),
 which the count app records in meta.json so the report can correct rho_model for the oracle's errors.
+
+This module is the one home of the file: :func:`save_oracle_checkpoint` writes it (atomically, fsynced) and
+:func:`load_oracle_checkpoint` reads it. A missing, corrupt or foreign file, or one holding pickled code, is a
+:class:`~biasamp.errors.UsageError` naming the file.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from biasamp.errors import UsageError, one_line
 from biasamp.oracles.base import OracleOutput
 
 ARCHS = ("resnet18",)
@@ -31,7 +39,7 @@ def pretrained_weights_path(arch: str) -> Path:
     from torchvision.models import ResNet18_Weights
 
     if arch != "resnet18":
-        raise ValueError(f"arch={arch!r} is not known; available: {list(ARCHS)}")
+        raise UsageError(f"arch={arch!r} is not known; available: {list(ARCHS)}")
     filename = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
@@ -41,22 +49,22 @@ def build_classifier(arch: str, num_values: int, pretrained: bool = False) -> nn
     from torchvision.models import resnet18
 
     if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r} is not known; available: {list(ARCHS)}")
+        raise UsageError(f"arch={arch!r} is not known; available: {list(ARCHS)}")
     if not isinstance(num_values, int) or num_values < 2:
         raise ValueError(f"a classifier oracle needs at least 2 values to tell apart, got {num_values!r}")
     if not pretrained:
         return resnet18(weights=None, num_classes=num_values)
     path = pretrained_weights_path(arch)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained=true needs torchvision's ImageNet {arch} weights at {path} "
-                                "(they are not downloaded here); place the file there or use pretrained=false")
+        raise UsageError(f"pretrained=true needs torchvision's ImageNet {arch} weights at {path} "
+                         "(they are not downloaded here); place the file there or use pretrained=false")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model = resnet18(weights=None)
         model.load_state_dict(state)
-    except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"pretrained {arch} weights at {path} could not be loaded ({reason})") from err
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
+        raise UsageError(f"pretrained {arch} weights at {path} could not be loaded ({_reason(err)}); replace the "
+                         "file with torchvision's, or use pretrained=false") from err
     model.fc = nn.Linear(model.fc.in_features, num_values)
     return model
 
@@ -76,23 +84,61 @@ def prepare_images(images: Tensor, resolution: int, imagenet_norm: bool) -> Tens
     return x
 
 
+def _reason(err: BaseException) -> str:
+    return one_line(str(err)) or type(err).__name__
+
+
+def _holds_code(err: BaseException) -> bool:
+    """Whether torch.load(weights_only=True) refused the file because it names a Python object to import (a
+    class or function: code). Random bytes fail in the same unpickler, but on an unknown opcode instead."""
+    return isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower()
+
+
 def load_oracle_checkpoint(path: str | Path) -> dict[str, Any]:
-    """An oracle.ckpt, loaded weights-only on the CPU; one-line FileNotFoundError / ValueError otherwise."""
+    """An oracle.ckpt, loaded weights-only on the CPU. UsageError (one line naming the file) when it is missing,
+    unreadable, holds pickled code (refused, never run), or is not a biasamp oracle checkpoint."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"oracle checkpoint not found: {path} (train one with python -m biasamp.oracle)")
+        raise UsageError(f"oracle checkpoint not found: {path} (train one with python -m biasamp.oracle)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files raise many types
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"oracle checkpoint {path} could not be read ({reason}); it may be truncated or "
-                         "not a biasamp oracle") from err
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
+        if _holds_code(err):
+            raise UsageError(f"oracle checkpoint {path} holds code (pickled Python objects), not only weights and "
+                             "plain data, so it was refused and not loaded; use an oracle.ckpt written by "
+                             "python -m biasamp.oracle") from err
+        raise UsageError(f"oracle checkpoint {path} could not be read ({_reason(err)}); it may be truncated or "
+                         "not a biasamp oracle (written by python -m biasamp.oracle)") from err
     if not isinstance(ckpt, dict) or "biasamp_oracle_format" not in ckpt:
-        raise ValueError(f"{path} is not a biasamp oracle checkpoint (no 'biasamp_oracle_format' entry)")
+        raise UsageError(f"{path} is not a biasamp oracle checkpoint (no 'biasamp_oracle_format' entry); use an "
+                         "oracle.ckpt written by python -m biasamp.oracle")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise ValueError(f"oracle checkpoint {path} lacks {missing}")
+        raise UsageError(f"oracle checkpoint {path} lacks {missing}; train it again with python -m biasamp.oracle")
     return ckpt
+
+
+def save_oracle_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
+    """Write ``ckpt`` (plain tensors, lists, dicts) to ``path`` atomically: a temporary file in the same folder,
+    flushed and fsynced, renamed over ``path``, then the folder fsynced (so the rename survives a crash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(ckpt, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; an oracle is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class ClassifierOracle:
@@ -104,8 +150,9 @@ class ClassifierOracle:
     def __init__(self, model: nn.Module, attribute: str, value_names: list[str], img_resolution: int,
                  confusion: dict | None = None, imagenet_norm: bool = False, min_confidence: float = 0.0,
                  batch_size: int = 512) -> None:
-        if not 0 <= min_confidence < 1:
-            raise ValueError(f"oracle.min_confidence={min_confidence!r} must be in [0, 1)")
+        number = isinstance(min_confidence, int | float) and not isinstance(min_confidence, bool)
+        if not number or not 0 <= min_confidence < 1:
+            raise UsageError(f"oracle.min_confidence={min_confidence!r} is not allowed: a number in [0, 1)")
         self.model = model.eval()
         self.attributes = [str(attribute)]
         self.value_names = [[str(v) for v in value_names]]
@@ -122,12 +169,12 @@ class ClassifierOracle:
         try:
             model = build_classifier(str(ckpt["arch"]), int(ckpt["num_values"]))
             model.load_state_dict(ckpt["state_dict"])
-        except Exception as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"oracle checkpoint {path}: its weights do not fit its arch ({reason})") from err
+        except Exception as err:  # noqa: BLE001 - a foreign or damaged state dict raises many types
+            raise UsageError(f"oracle checkpoint {path}: its weights do not fit its arch ({_reason(err)}); train it "
+                             "again with python -m biasamp.oracle") from err
         if len(ckpt["value_names"]) != int(ckpt["num_values"]):
-            raise ValueError(f"oracle checkpoint {path}: {len(ckpt['value_names'])} value names for "
-                             f"{ckpt['num_values']} outputs")
+            raise UsageError(f"oracle checkpoint {path}: {len(ckpt['value_names'])} value names for "
+                             f"{ckpt['num_values']} outputs; train it again with python -m biasamp.oracle")
         oracle = cls(model, ckpt["attribute"], list(ckpt["value_names"]), int(ckpt["img_resolution"]),
                      confusion=ckpt["confusion"], imagenet_norm=bool(ckpt.get("imagenet_norm", False)),
                      min_confidence=min_confidence)

@@ -21,12 +21,15 @@ when every region is.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from biasamp.data.palette import COLOUR_NAMES, PALETTE
+from biasamp.errors import UsageError
 from biasamp.oracles.base import OracleOutput
 
 BACKGROUND_THRESHOLD = 0.7  # a pixel with any channel below this (in [0, 1]) is background
@@ -47,6 +50,10 @@ def region_columns(width: int, region: str) -> slice:
     raise ValueError(f"colour oracle region {region!r} is not known; allowed: {list(REGIONS)}")
 
 
+def _real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(float(value))
+
+
 class ColourOracle:
     """Background colour of (B, 3, H, W) images in [-1, 1] among ``colours`` (palette names, in bias order),
     one attribute per region in ``regions`` (default: the whole image, attribute ``colour``)."""
@@ -57,14 +64,14 @@ class ColourOracle:
                  regions: Sequence[str] = ("colour",)) -> None:
         unknown = [c for c in colours if c not in COLOUR_NAMES]
         if unknown or not colours:
-            raise ValueError(f"oracle.allowed_colours={list(colours)!r}: unknown colour(s) {unknown}; "
+            raise UsageError(f"oracle.allowed_colours={list(colours)!r}: unknown colour(s) {unknown}; "
                              f"allowed: {list(COLOUR_NAMES)}")
         if len(set(colours)) != len(colours):
-            raise ValueError(f"oracle.allowed_colours={list(colours)!r} has duplicates")
-        if not max_distance > 0:
-            raise ValueError(f"oracle.max_distance={max_distance!r} must be > 0")
-        if not 0 <= min_confidence < 1:
-            raise ValueError(f"oracle.min_confidence={min_confidence!r} must be in [0, 1)")
+            raise UsageError(f"oracle.allowed_colours={list(colours)!r} has duplicates")
+        if not _real(max_distance) or not max_distance > 0:
+            raise UsageError(f"oracle.max_distance={max_distance!r} is not allowed: a number > 0 (RGB distance)")
+        if not _real(min_confidence) or not 0 <= min_confidence < 1:
+            raise UsageError(f"oracle.min_confidence={min_confidence!r} is not allowed: a number in [0, 1)")
         bad = [r for r in regions if r not in REGIONS]
         if bad or not regions or len(set(regions)) != len(regions):
             raise ValueError(f"colour oracle regions {list(regions)!r}: allowed distinct values of {list(REGIONS)}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from biasamp.errors import UsageError
 from biasamp.oracles.base import Oracle, OracleOutput
 from biasamp.oracles.classifier import ClassifierOracle
 
@@ -27,7 +28,7 @@ class WithClassPrediction:
                  source: str = "class_oracle") -> None:
         predicted = list(classifier.value_names[0])
         if classifier.attributes != ["class"] or predicted != [str(c) for c in class_names]:
-            raise ValueError(f"{source} predicts {classifier.attributes[0]!r} with values {predicted}, but this "
+            raise UsageError(f"{source} predicts {classifier.attributes[0]!r} with values {predicted}, but this "
                              f"checkpoint's classes are {list(class_names)}; use an oracle trained with "
                              "attribute=target on the same dataset and classes")
         if CLASS_PRED in oracle.attributes:

@@ -20,6 +20,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from biasamp.errors import UsageError
+
 UNCOND_MODES = ("null", "class_mean")
 
 
@@ -31,7 +33,7 @@ def apply_guidance(d_cond: Tensor, d_uncond: Tensor, guidance: float) -> Tensor:
 def guidance_from_scale(scale: float) -> float:
     """w of the seed's convention for a scale s of D_u + s (D_c - D_u): w = s - 1 (s >= 1)."""
     if not scale >= 1:
-        raise ValueError(f"guidance scale={scale!r} is not allowed: must be >= 1 (s = 1 + w)")
+        raise UsageError(f"guidance scale={scale!r} is not allowed: must be >= 1 (s = 1 + w)")
     return float(scale) - 1.0
 
 
@@ -46,14 +48,18 @@ class GuidedDenoiser:
                  interval: tuple[float, float] | None, label_dim: int | None) -> None:
         if not (isinstance(guidance, numbers.Real) and not isinstance(guidance, bool) and math.isfinite(guidance)
                 and guidance >= 0):
-            raise ValueError(f"guidance={guidance!r} is not allowed: must be a finite number >= 0 "
+            raise UsageError(f"guidance={guidance!r} is not allowed: must be a finite number >= 0 "
                              "(w in (1 + w) D_cond - w D_uncond; 0 = plain conditional)")
         if uncond not in UNCOND_MODES:
-            raise ValueError(f"guidance_uncond={uncond!r} is not allowed: must be one of {', '.join(UNCOND_MODES)}")
+            raise UsageError(f"guidance_uncond={uncond!r} is not allowed: must be one of {', '.join(UNCOND_MODES)}")
         if interval is not None:
-            lo, hi = (float(v) for v in interval)
+            try:
+                lo, hi = (float(v) for v in interval)
+            except (TypeError, ValueError):
+                raise UsageError(f"guidance_interval={interval!r} is not allowed: give [lo, hi] with 0 <= lo <= hi "
+                                 "(sigmas)") from None
             if not 0 <= lo <= hi:
-                raise ValueError(f"guidance_interval={tuple(interval)!r} is not allowed: need 0 <= lo <= hi")
+                raise UsageError(f"guidance_interval={tuple(interval)!r} is not allowed: need 0 <= lo <= hi")
             interval = (lo, hi)
         if class_labels is not None:
             if class_labels.ndim != 2:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from biasamp.errors import UsageError
 from biasamp.sampling.noise import IndexNoise
 from biasamp.sampling.schedules import edm_sigmas
 
@@ -180,8 +181,8 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
 """Every parameter of each sampler family with its default (``name`` aside); the yaml files mirror these."""
 
 
-def _bad(key: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"sampler.{key}={value!r} is not allowed: {allowed}")
+def _bad(key: str, value: Any, allowed: str) -> UsageError:
+    return UsageError(f"sampler.{key}={value!r} is not allowed: {allowed}")
 
 
 def _is_real(value: Any) -> bool:
@@ -200,20 +201,20 @@ def resolve_sampler_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_sampler_config(cfg: Mapping[str, Any], *, model_sigma_min: float | None = None,
                          model_sigma_max: float | None = None) -> None:
-    """Raise ValueError (one line naming the key, the value and what is allowed) for a config that cannot work.
+    """Raise UsageError (one line naming the key, the value and what is allowed) for a config that cannot work.
 
     Missing keys take the family's defaults (SAMPLER_DEFAULTS). model_sigma_min / model_sigma_max, when given,
     stand in for null sigma_min / sigma_max so the resolved range is checked too.
     """
     if not isinstance(cfg, Mapping):
-        raise ValueError(f"sampler config must be a mapping, got {type(cfg).__name__}")
+        raise UsageError(f"sampler={cfg!r} is not allowed: a mapping (a conf/sampler/*.yaml file)")
     name = cfg.get("name")
     if name not in SAMPLER_DEFAULTS:
         raise _bad("name", name, f"must be one of {', '.join(SAMPLER_DEFAULTS)}")
     defaults = SAMPLER_DEFAULTS[name]
     for key in cfg:
         if key != "name" and key not in defaults:
-            raise ValueError(f"sampler.{key}={cfg[key]!r} is not allowed: {key!r} is not a parameter of the "
+            raise UsageError(f"sampler.{key}={cfg[key]!r} is not allowed: {key!r} is not a parameter of the "
                              f"{name} sampler (its parameters: {', '.join(defaults)})")
     c = {**defaults, **{k: cfg[k] for k in cfg if k != "name"}}
 
