@@ -56,7 +56,7 @@ def test_oracle_checkpoint_holds_heldout_metrics(bias_oracle):
 
 
 def test_balanced_split_has_equal_groups_and_disjoint_heldout():
-    from biasamp.oracle import balanced_split, group_ids
+    from biasamp.oracles.training import balanced_split, group_ids
 
     data = BiasedMNIST(rho=0.9, classes_to_use=[0, 1, 2], img_resolution=8)
     labels, biases = data.labels.numpy(), data.biases.numpy()
@@ -213,7 +213,7 @@ def compose_oracle(overrides: list[str]):
     ("max_epochs=0", r"^max_epochs=0 is not allowed"),
 ])
 def test_oracle_check_config_refuses_before_any_work(override, pattern):
-    from biasamp.oracle import check_config
+    from biasamp.oracles.training import check_config
 
     with pytest.raises(UsageError, match=pattern) as err:
         check_config(compose_oracle([override]))
@@ -221,7 +221,7 @@ def test_oracle_check_config_refuses_before_any_work(override, pattern):
 
 
 def test_oracle_check_config_passes_the_defaults_and_rho_null_for_real_data():
-    from biasamp.oracle import check_config
+    from biasamp.oracles.training import check_config
 
     check_config(compose_oracle([]))
     check_config(compose_oracle(["dataset=waterbirds", "rho=null", "attribute=target"]))
@@ -230,7 +230,7 @@ def test_oracle_check_config_passes_the_defaults_and_rho_null_for_real_data():
 
 
 def test_a_diverging_oracle_is_a_runtime_error_not_a_usage_error():
-    from biasamp.oracle import AttributeClassifier, OracleTrainingDiverged
+    from biasamp.oracles.training import AttributeClassifier, OracleTrainingDiverged
 
     class NaNModel(torch.nn.Module):
         def forward(self, x):

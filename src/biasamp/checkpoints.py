@@ -10,7 +10,6 @@ checkpoint cannot run code.
 from __future__ import annotations
 
 import math
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from biasamp.errors import UsageError
 from biasamp.models import EDMPrecond, build_denoiser
+from biasamp.safe_load import load_weights_only
 
 FORMAT_VERSION = 1
 EMA_PREFIX = "ema.module."
@@ -54,20 +54,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises UsageError, with one line, for a missing, corrupt or foreign file, and for one that holds pickled
     Python objects (code), which is refused and never loaded.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist; give a checkpoint file or a run folder "
-                         "(runs/train/<run>)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise UsageError(f"checkpoint {path} holds pickled Python objects (code), not just weights and plain "
-                         "data; biasamp refuses to load such a file for safety: use a checkpoint written by "
-                         "biasamp.train") from err
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UsageError(f"checkpoint {path} could not be read ({reason}); "
-                         "it may be truncated or not a biasamp checkpoint") from err
+    ckpt = load_weights_only(path, "checkpoint", "give a checkpoint written by biasamp.train (a .ckpt file, or a run "
+                             "folder runs/train/<run>)", mmap=True)
     if not isinstance(ckpt, dict) or "biasamp_format" not in ckpt:
         raise UsageError(f"checkpoint {path} is not a biasamp training checkpoint (no 'biasamp_format' entry)")
     missing = [k for k in REQUIRED_METADATA if k not in ckpt.get("hyper_parameters", {})]

@@ -19,3 +19,8 @@ class UsageError(Exception):
 def one_line(message: str) -> str:
     """The first non-empty line of ``message`` (a usage message must never spill over several lines)."""
     return next((line.strip() for line in str(message).splitlines() if line.strip()), "")
+
+
+def reason(err: BaseException) -> str:
+    """A caught exception as a few words for a usage message: its first line, or its type's name."""
+    return one_line(str(err)) or type(err).__name__

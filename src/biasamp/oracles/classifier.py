@@ -14,7 +14,6 @@ This module is the one home of the file: :func:`save_oracle_checkpoint` writes i
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from biasamp.errors import UsageError, one_line
+from biasamp.errors import UsageError, reason
 from biasamp.oracles.base import OracleOutput
+from biasamp.safe_load import load_weights_only
 
 ARCHS = ("resnet18",)
 ORACLE_FORMAT = 1
@@ -63,7 +63,7 @@ def build_classifier(arch: str, num_values: int, pretrained: bool = False) -> nn
         model = resnet18(weights=None)
         model.load_state_dict(state)
     except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
-        raise UsageError(f"pretrained {arch} weights at {path} could not be loaded ({_reason(err)}); replace the "
+        raise UsageError(f"pretrained {arch} weights at {path} could not be loaded ({reason(err)}); replace the "
                          "file with torchvision's, or use pretrained=false") from err
     model.fc = nn.Linear(model.fc.in_features, num_values)
     return model
@@ -84,31 +84,10 @@ def prepare_images(images: Tensor, resolution: int, imagenet_norm: bool) -> Tens
     return x
 
 
-def _reason(err: BaseException) -> str:
-    return one_line(str(err)) or type(err).__name__
-
-
-def _holds_code(err: BaseException) -> bool:
-    """Whether torch.load(weights_only=True) refused the file because it names a Python object to import (a
-    class or function: code). Random bytes fail in the same unpickler, but on an unknown opcode instead."""
-    return isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower()
-
-
 def load_oracle_checkpoint(path: str | Path) -> dict[str, Any]:
     """An oracle.ckpt, loaded weights-only on the CPU. UsageError (one line naming the file) when it is missing,
     unreadable, holds pickled code (refused, never run), or is not a biasamp oracle checkpoint."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UsageError(f"oracle checkpoint not found: {path} (train one with python -m biasamp.oracle)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
-        if _holds_code(err):
-            raise UsageError(f"oracle checkpoint {path} holds code (pickled Python objects), not only weights and "
-                             "plain data, so it was refused and not loaded; use an oracle.ckpt written by "
-                             "python -m biasamp.oracle") from err
-        raise UsageError(f"oracle checkpoint {path} could not be read ({_reason(err)}); it may be truncated or "
-                         "not a biasamp oracle (written by python -m biasamp.oracle)") from err
+    ckpt = load_weights_only(path, "oracle checkpoint", "use an oracle.ckpt written by python -m biasamp.oracle")
     if not isinstance(ckpt, dict) or "biasamp_oracle_format" not in ckpt:
         raise UsageError(f"{path} is not a biasamp oracle checkpoint (no 'biasamp_oracle_format' entry); use an "
                          "oracle.ckpt written by python -m biasamp.oracle")
@@ -170,7 +149,7 @@ class ClassifierOracle:
             model = build_classifier(str(ckpt["arch"]), int(ckpt["num_values"]))
             model.load_state_dict(ckpt["state_dict"])
         except Exception as err:  # noqa: BLE001 - a foreign or damaged state dict raises many types
-            raise UsageError(f"oracle checkpoint {path}: its weights do not fit its arch ({_reason(err)}); train it "
+            raise UsageError(f"oracle checkpoint {path}: its weights do not fit its arch ({reason(err)}); train it "
                              "again with python -m biasamp.oracle") from err
         if len(ckpt["value_names"]) != int(ckpt["num_values"]):
             raise UsageError(f"oracle checkpoint {path}: {len(ckpt['value_names'])} value names for "

@@ -1,0 +1,37 @@
+"""Loading torch files safely: ``torch.load(..., weights_only=True)``, with one plain line for each way it fails.
+
+Every checkpoint, oracle, head or group file biasamp reads goes through :func:`load_weights_only`, so a shared file
+can never run code: torch's weights-only unpickler refuses any file that names a Python object to import.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from biasamp.errors import UsageError, reason
+
+
+def holds_code(err: BaseException) -> bool:
+    """Whether the weights-only unpickler refused the file because it names a Python object to import (a class or
+    function: code). Random bytes fail in the same unpickler, but on an unknown opcode instead."""
+    return isinstance(err, pickle.UnpicklingError) and "unsupported global" in str(err).lower()
+
+
+def load_weights_only(path: str | Path, what: str, hint: str, mmap: bool = False) -> Any:
+    """The content of a torch file, on the CPU. UsageError naming ``what`` (e.g. "checkpoint") and the file when it
+    is missing, holds code (refused and never run: ``hint`` says what to use instead), or cannot be read."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{what} {path} does not exist; {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
+        if holds_code(err):
+            raise UsageError(f"{what} {path} holds pickled Python objects (code), not only weights and plain data; "
+                             f"biasamp refuses to load such a file for safety: {hint}") from err
+        raise UsageError(f"{what} {path} could not be read ({reason(err)}); it may be truncated or not a biasamp file: "
+                         f"{hint}") from err
