@@ -70,9 +70,17 @@ def _sweeps(cfg: Any) -> list[str]:
     return [str(s) for s in sweep] if isinstance(sweep, list) else [str(sweep)]
 
 
+TOP_KEYS = ("sweep", "out_dir", "ci_method", "ci_level", "n_boot", "boot_seed", "formats", "tables",
+            "column_width_in", "dpi", "max_heatmaps")
+
+
 def check_report_config(cfg: Any) -> Settings:
     """The report app's schema: validate every setting and find the sweep folders, before anything is read or
     written; raises UsageError with a one-line message."""
+    unknown = sorted(set(cfg) - set(TOP_KEYS))
+    if unknown:
+        raise UsageError(f"{unknown[0]} is not a setting of the report app (allowed: {', '.join(TOP_KEYS)}); check "
+                         "the spelling")
     if OmegaConf.is_missing(cfg, "sweep") or cfg.sweep is None:
         raise UsageError("sweep is required: python -m biasamp.report sweep=<count sweep folder> "
                          "(the folder of results.csv written by python -m biasamp.count)")

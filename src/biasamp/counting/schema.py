@@ -159,6 +159,12 @@ def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             for k in cfg if k != "paths"}
 
 
+TOP_KEYS = ("checkpoint", "allow_unfinished", "n_per_class", "classes", "include_uncond", "batch_size", "seed",
+            "guidance", "guidance_uncond", "guidance_interval", "class_oracle", "precision", "compile", "compile_mode",
+            "channels_last", "save_grid", "grid_per_class", "export_matrix", "ci_level", "progress", "fabric",
+            "sweep_name", "sampler", "oracle")
+
+
 def check_count_config(cfg: DictConfig | Mapping[str, Any]) -> CountSettings:
     """Check every setting that needs no file but the named ones' existence; raises UsageError."""
     checkpoint = cfg.get("checkpoint") if not OmegaConf.is_config(cfg) or not OmegaConf.is_missing(
@@ -166,6 +172,10 @@ def check_count_config(cfg: DictConfig | Mapping[str, Any]) -> CountSettings:
     if checkpoint is None or str(checkpoint).strip() in ("", "???"):
         raise UsageError(f"checkpoint is required: python -m biasamp.count {CHECKPOINT_HELP}")
     options = _plain(cfg)
+    unknown = sorted(set(options) - set(TOP_KEYS))
+    if unknown:
+        raise UsageError(f"{unknown[0]} is not a setting of the count app (allowed: {', '.join(TOP_KEYS)}); check "
+                         "the spelling")
     check_folder_name("sweep_name", options.get("sweep_name"))
     guidance, uncond, interval = _guidance(options)
     sampler = options.get("sampler")
