@@ -33,6 +33,7 @@ def sweep_name(checkpoint: Any) -> str:
             path = resolve_checkpoint(path)
         except UsageError:
             return safe_folder_part(path.name)
+    path = path.resolve()  # through the runs/train/<readable> link: the run folder's own name, with its hash
     run = path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
     return safe_folder_part(f"{run}-{path.stem}" if run else path.stem)
 
