@@ -348,7 +348,7 @@ def test_a_job_folder_is_continued_only_under_its_identity(tiny_checkpoint, tmp_
         start_state(p, job)
     assert "oracle.checkpoint_sha256 is '0000" in str(err.value) and "\n" not in str(err.value)
     CountState(p.identity, (2, 2), done={"0": 6}, counts={"0": np.array([[3, 3], [0, 0]])}).save(job)
-    with pytest.raises(UsageError, match=r"n_per_class=4 is below the samples already counted .* >=6"):
+    with pytest.raises(UsageError, match=r"n_per_class=4 is below the samples already counted .* n_per_class>=6"):
         start_state(p, job)
     state = start_state(plan(compose_count([f"checkpoint={tiny_checkpoint}", "n_per_class=8"])), job)
     assert state.done == {"0": 6}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from biasamp.checkpoints import load_checkpoint
-from biasamp.count import data_rho
-from biasamp.counting.files import update_results
+from biasamp.counting.plan import data_rho
+from biasamp.counting.results import update_results
 from biasamp.data import PALETTE, build_dataset
 from biasamp.data.multicolor_mnist import MultiColorMNIST
 from biasamp.data.stream import to_model_range

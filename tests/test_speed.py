@@ -384,7 +384,7 @@ def test_batch_from_memory_arithmetic():
     assert batch_from_memory(2**20, 80 * gib) == 4096  # capped
     assert batch_from_memory(2 * gib, 1 * gib) == 64  # never below one multiple
     assert batch_from_memory(0, gib) == 4096
-    from biasamp.count import rows_per_sample
+    from biasamp.counting.runner import rows_per_sample
     from biasamp.speed import CPU_BATCH, probe_batch_size
 
     assert [rows_per_sample(0.0, "class_mean", 10), rows_per_sample(1.0, "null", 10),

@@ -103,9 +103,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert err_lines == ["biasamp.train: error: rho=1.5 is not allowed: a number in [0, 1], one per class, or "
                          "null (Waterbirds and BFFHQ: keep the split as it is)"]
     assert not (tmp_path / "runs").exists()  # a refused start leaves no folder
-    proc = run_train(["dataset=waterbirds", "rho=0.95"], cwd=tmp_path)
+    proc = run_train(["dataset=waterbirds", "rho=0.95"], cwd=tmp_path)  # the README's first Waterbirds mistake
     assert proc.returncode == 2
-    assert "waterbird_complete95_forest2water2/metadata.csv" in proc.stderr
+    assert "use experiment=paper_waterbirds" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

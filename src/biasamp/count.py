@@ -15,10 +15,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import biasamp.counting  # noqa: F401  (registers the resolver that names the sweep folder)
 from biasamp.apps import run_app
-from biasamp.counting.plan import data_rho  # noqa: F401  (older import path)
-from biasamp.counting.runner import count_job, rows_per_sample  # noqa: F401  (rows_per_sample: older import path)
+from biasamp.counting.runner import count_job  # (importing biasamp.counting registers the folder-name resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="count")
