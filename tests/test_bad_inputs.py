@@ -61,6 +61,10 @@ TRAIN = [
     (["lr_schedule._target_=biasamp.training.schedules.Cosine"], "lr_schedule._target_"),
     (["data.on_device=maybe"], "data.on_device='maybe'"),
     (["optimizer.eps=0"], "optimizer.eps=0"),
+    (["rho=-0.1"], "rho=-0.1"),
+    (["batch_size=30", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=4"], "batch_size=30"),
+    (["ema_loss_every_n_steps=30", "log_every_n_steps=20"], "ema_loss_every_n_steps=30"),
+    (["trainer.devices=auto"], "trainer.devices='auto'"),
 ]
 if NO_CUDA:
     TRAIN += [(["trainer=gpu"], "no CUDA GPU"), (["trainer.accelerator=gpu"], "no CUDA GPU")]

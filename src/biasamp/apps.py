@@ -54,32 +54,30 @@ def run_app(app: str, work: Callable[[], T], folder: Path | None = None) -> T:
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, which container and SLURM limits set)."""
+    """CPU cores this process may actually use: its affinity mask (what taskset and SLURM allow), capped by a
+    cgroup v2 CPU quota (what a container allows), at least 1. torch's own default counts the host's cores, which
+    in a container with a quota of 2 CPUs can be dozens of threads fighting over 2."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def auto_threads() -> int:
-    """Cores this process may use that other processes are not already busy on: the affinity mask's size minus
-    the 1-minute load average (rounded), at least 1 and at most 8. torch's default (every core) slows a run
-    many times over when the cores are shared, because its threads spin waiting for each other."""
+        cores = os.cpu_count() or 1
     try:
-        busy = round(os.getloadavg()[0])
-    except OSError:
-        busy = 0
-    return max(1, min(available_cores() - busy, 8))
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def cpu_threads(value: object, key: str = "threads") -> int:
-    """The torch intra-op thread count for a CPU run: ``auto`` (:func:`auto_threads`) or a positive integer.
-    Raises UsageError otherwise."""
+    """The torch intra-op thread count for a CPU run: ``auto`` = :func:`available_cores` (at most 8), or a positive
+    integer (``threads=1`` on a machine whose cores other processes keep busy). Raises UsageError otherwise."""
     if value == "auto":
-        return auto_threads()
+        return min(available_cores(), 8)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{key}={value!r} is not allowed: a positive integer, or auto (the cores not busy "
-                         f"with other processes, at most 8; here {auto_threads()})")
+        raise UsageError(f"{key}={value!r} is not allowed: a positive integer, or auto (the cores this process may "
+                         f"use, at most 8; here {min(available_cores(), 8)})")
     return int(value)
 
 
