@@ -181,6 +181,16 @@ def test_multirun_gives_one_folder_per_rho(tmp_path):
         assert recorded["rho_data"] == pytest.approx(rho, abs=1e-9)
         assert recorded["data"]["n_aligned"] == 2 * int(400 * rho + 1e-9)
         assert len(_ckpts(run)) == 1
+        # the formats, pinned: run.yaml holds the checkpoint metadata; train_summary.json where the run stands
+        assert sorted(recorded) == ["bias_names", "class_names", "config", "data", "identity", "img_resolution",
+                                    "in_channels", "label_dim", "label_dropout", "rho_data", "target_img"]
+        assert recorded["target_img"] == 2 * 16 and recorded["identity"]["dataset.rho"] == rho
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert sorted(summary) == ["batch_total", "finished", "global_step", "n_img", "ranks", "rho_data", "run_dir",
+                                   "stopped_by", "target_img", "world_size"]
+        assert summary["finished"] is True and summary["stopped_by"] == "target" and summary["n_img"] == 32
+        meta = load_checkpoint(_ckpts(run)[0])["hyper_parameters"]
+        assert sorted(meta) == sorted(recorded)
 
 
 def test_ddp_static_graph_only_without_accumulation(tmp_path):
