@@ -65,6 +65,7 @@ TRAIN = [
     (["batch_size=30", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=4"], "batch_size=30"),
     (["ema_loss_every_n_steps=30", "log_every_n_steps=20"], "ema_loss_every_n_steps=30"),
     (["trainer.devices=auto"], "trainer.devices='auto'"),
+    (["trainer.max_time=soon"], "trainer.max_time='soon'"),
 ]
 if NO_CUDA:
     TRAIN += [(["trainer=gpu"], "no CUDA GPU"), (["trainer.accelerator=gpu"], "no CUDA GPU")]

@@ -110,6 +110,38 @@ def test_a_second_process_on_a_run_folder_gets_one_line(tmp_path):
     assert not (folder / "checkpoints").exists()
 
 
+def test_a_refused_process_never_removes_a_lock_another_process_holds(tmp_path):
+    from biasamp.apps import remove_empty_folders
+    from biasamp.identity import LOCK_NAME, remove_released_lock
+
+    folder = tmp_path / "runs" / "train" / "new-run"
+    with folder_lock(folder, "a test"):  # a run still in its setup: the lock is all its folder holds yet
+        assert remove_released_lock(folder) is False
+        remove_empty_folders(folder, stop=tmp_path)  # what a refused second process does on its way out
+        assert (folder / LOCK_NAME).is_file()
+    remove_empty_folders(folder, stop=tmp_path)  # released: now it goes, with its empty parents
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("env, child", [({}, False), ({"LOCAL_RANK": "1"}, True), ({"RANK": "3"}, True),
+                                        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}, False),
+                                        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, True),
+                                        ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False)])
+def test_only_global_rank_zero_locks_and_decides(env, child, monkeypatch):
+    from biasamp.launch import is_child_rank
+
+    for key in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_child_rank() is child
+
+
+def test_callbacks_other_than_checkpoint_cadence_are_part_of_the_identity():
+    swa = "+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging"
+    assert _folder([*QUICK, swa, "+callbacks.swa.swa_lrs=0.01"]) != _folder(QUICK)
+
+
 # ---------------------------------------------------------------------------------------------- stop and resume
 def test_sigterm_snapshots_exits_nonzero_and_resume_equals_an_uninterrupted_run(tmp_path):
     args = [*QUICK, "trainer.max_steps=120", "logger.flush_logs_every_n_steps=1",

@@ -29,12 +29,12 @@ def fail(app: str, message: str, status: int = 2) -> None:
 def remove_empty_folders(folder: Path, stop: Path | None = None) -> None:
     """Remove ``folder`` and then its parents while they are empty, up to (not including) ``stop`` (default: the
     working directory). Never removes a folder that holds anything but a (released) lock file."""
-    from biasamp.identity import LOCK_NAME
+    from biasamp.identity import LOCK_NAME, remove_released_lock
 
     folder, stop = Path(folder).resolve(), Path(stop or Path.cwd()).resolve()
     while folder != stop and folder.is_relative_to(stop) and folder.is_dir():
-        if [p.name for p in folder.iterdir()] == [LOCK_NAME]:  # a released lock is all the refused run left
-            (folder / LOCK_NAME).unlink(missing_ok=True)
+        if [p.name for p in folder.iterdir()] == [LOCK_NAME] and not remove_released_lock(folder):
+            return  # another process holds it: its folder, not ours to remove
         try:
             folder.rmdir()  # only succeeds when empty
         except OSError:

@@ -108,6 +108,23 @@ def folder_name(readable: str, ident: Mapping[str, Any]) -> str:
     return f"{safe_folder_part(readable)}-{identity_hash(ident)}"
 
 
+def remove_released_lock(folder: Path) -> bool:
+    """Delete ``folder``'s lock file if no process holds it (checked by taking it); False when one does."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        handle = open(path, "a+")
+    except FileNotFoundError:
+        return True
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        path.unlink(missing_ok=True)  # while holding it: nobody can take this file from now on
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return True
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (its ``.lock`` file) for the ``with`` block. A second process gets a

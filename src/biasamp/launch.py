@@ -23,8 +23,17 @@ DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_
 
 
 def is_child_rank() -> bool:
-    """True in the extra processes a launcher started (they re-run the app)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+    """True in every process but global rank 0: the extra processes Lightning's launcher started (LOCAL_RANK,
+    NODE_RANK), torchrun's (RANK), and SLURM's tasks of a multi-task job step (SLURM_PROCID), which each run the
+    app themselves. Only rank 0 locks the folder and decides."""
+    def rank(key: str) -> int:
+        try:
+            return int(os.environ.get(key, "0"))
+        except ValueError:
+            return 0
+
+    slurm = rank("SLURM_PROCID") if rank("SLURM_NTASKS") > 1 else 0
+    return rank("LOCAL_RANK") > 0 or rank("NODE_RANK") > 0 or rank("RANK") > 0 or slurm > 0
 
 
 def prepare_relaunch() -> None:

@@ -29,6 +29,8 @@ def load_weights_only(path: str | Path, what: str, hint: str, mmap: bool = False
         raise UsageError(f"{what} {path} does not exist; {hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (OSError, MemoryError):  # the disk or the machine, not the file's content: keep the traceback
+        raise
     except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
         if holds_code(err):
             raise UsageError(f"{what} {path} holds pickled Python objects (code), not only weights and plain data; "

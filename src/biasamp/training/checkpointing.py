@@ -3,8 +3,9 @@ asked to stop (SIGTERM, SIGINT), durable writes, and finding the checkpoint to r
 
 Files in ``<run_dir>/checkpoints/``:
 - ``ckpt-<n_img:010d>.ckpt``: kept, one per ``ckpt_every_kimg``, and one when the run reaches its target;
-- ``snapshot.ckpt``: the most recent snapshot, overwritten: every few minutes, on a stop signal, and when a run
-  ends before its target (``trainer.max_time``).
+- ``snapshot.ckpt``: the most recent snapshot, overwritten: every few minutes, on a stop signal, and when
+  ``trainer.max_time`` is up (checked here, between optimizer steps, rather than by Lightning, which would stop
+  inside a gradient-accumulation round).
 Every file is written to ``<name>.tmp``, flushed to disk (fsync), renamed, and the folder fsynced, so a crash or
 power loss never leaves a half-written checkpoint under a real name; a stale ``.tmp`` is removed at start.
 """
@@ -70,6 +71,9 @@ class CheckpointCallback(L.Callback):
         self._last_kept_n_img: int | None = None
         self._pending_signal: int | None = None
         self.stop_signal: int | None = None  # the signal that stopped training, after fit
+        self.max_time_s: float | None = None  # trainer.max_time in seconds (set by the app): stop at a step boundary
+        self.stopped_by_time = False
+        self._started = time.monotonic()
         self._previous_handlers: dict[int, Any] = {}
 
     # ---------------------------------------------------------------- signals
@@ -79,14 +83,17 @@ class CheckpointCallback(L.Callback):
         self._pending_signal = signum
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_snapshot = time.monotonic()
+        self._last_snapshot = self._started = time.monotonic()
         self._pending_signal = self.stop_signal = None
+        self.stopped_by_time = False
         # replaces Lightning's own SIGTERM handler for the time of fit (Lightning restores the earlier ones after)
         for signum in STOP_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     # ---------------------------------------------------------------- writing
     def _save(self, trainer: L.Trainer, name: str, n_img: int) -> None:
+        for logger in trainer.loggers:  # rows logged up to this step reach metrics.csv before the checkpoint does
+            logger.save()
         final = self.dirpath / name
         tmp = final.with_name(final.name + ".tmp")
         if trainer.is_global_zero:
@@ -108,13 +115,16 @@ class CheckpointCallback(L.Callback):
         # a kept checkpoint when this step crossed a multiple of ckpt_every_img
         if n_img // self.ckpt_every_img > (n_img - batch_total) // self.ckpt_every_img:
             self._save(trainer, kept_name(n_img), n_img)
-        due = time.monotonic() - self._last_snapshot >= self.snapshot_every_s
+        now = time.monotonic()
+        due = now - self._last_snapshot >= self.snapshot_every_s
         stop = self._pending_signal or 0
+        timeout = self.max_time_s is not None and now - self._started >= self.max_time_s
         if trainer.world_size > 1:
-            due, stop = trainer.strategy.broadcast((bool(due), int(stop)), src=0)
-        if stop and n_img < int(pl_module.total_img):
+            due, stop, timeout = trainer.strategy.broadcast((bool(due), int(stop), bool(timeout)), src=0)
+        if (stop or timeout) and n_img < int(pl_module.total_img):
             self._save(trainer, SNAPSHOT_NAME, n_img)
-            self.stop_signal = int(stop)
+            self.stop_signal = int(stop) or None
+            self.stopped_by_time = not stop
             trainer.should_stop = True
         elif due:
             self._save(trainer, SNAPSHOT_NAME, n_img)
@@ -125,5 +135,5 @@ class CheckpointCallback(L.Callback):
         if n_img >= int(pl_module.total_img):  # the final state is always kept
             if self._last_kept_n_img != n_img:
                 self._save(trainer, kept_name(n_img), n_img)
-        elif self.stop_signal is None and n_img > 0:  # ended early (max_time): a snapshot to continue from
+        elif self.stop_signal is None and not self.stopped_by_time and n_img > 0:  # ended early otherwise
             self._save(trainer, SNAPSHOT_NAME, n_img)

@@ -196,6 +196,24 @@ def check_trainer(cfg: Mapping[str, Any]) -> None:
     max_steps = trainer.get("max_steps")
     if max_steps is not None and max_steps != -1:
         _positive(cfg, "trainer.max_steps", integer=True)
+    if max_time_seconds(trainer.get("max_time")) is not None and "checkpoint" not in (cfg.get("callbacks") or {}):
+        raise UsageError("trainer.max_time needs callbacks.checkpoint (it writes the snapshot and stops the run)")
+
+
+def max_time_seconds(value: Any) -> float | None:
+    """``trainer.max_time`` ("DD:HH:MM:SS", or null) in seconds; UsageError for anything else."""
+    if value is None:
+        return None
+    parts = str(value).split(":")
+    try:
+        days, hours, minutes, seconds = (int(p) for p in parts)
+        ok = len(parts) == 4 and min(days, hours, minutes, seconds) >= 0
+    except ValueError:
+        ok = False
+    if not ok or days * 86400 + hours * 3600 + minutes * 60 + seconds <= 0:
+        raise UsageError(f"trainer.max_time={value!r} is not allowed: a positive wall time DD:HH:MM:SS (e.g. "
+                         "00:11:30:00), or null")
+    return float(days * 86400 + hours * 3600 + minutes * 60 + seconds)
 
 
 def check_callbacks(cfg: Mapping[str, Any]) -> None:

@@ -30,7 +30,7 @@ from biasamp.launch import is_child_rank, prepare_relaunch
 from biasamp.models import build_denoiser
 from biasamp.speed import device_type, train_speed
 from biasamp.training.checkpointing import CheckpointCallback, find_resume_checkpoint, remove_stale_temporaries
-from biasamp.training.config_checks import batch_layout, check_train_config
+from biasamp.training.config_checks import batch_layout, check_train_config, max_time_seconds
 from biasamp.training.logging import METRICS_CSV, keep_rows_until
 from biasamp.training.module import DiffusionModule
 from biasamp.training.runs import (
@@ -168,6 +168,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
     trainer_kwargs.pop("max_steps", None)
+    max_time = trainer_kwargs.pop("max_time", None)  # the checkpoint callback stops at a step boundary
     strategy = trainer_kwargs.get("strategy")
     if accumulate > 1 and isinstance(strategy, dict) and strategy.get("static_graph"):
         # DDP's static graph breaks under no_sync(), which gradient accumulation uses (pytorch#143580)
@@ -187,6 +188,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
         enable_model_summary=False,
     )
     stopper = next((c for c in callbacks if isinstance(c, CheckpointCallback)), None)
+    if stopper is not None:
+        stopper.max_time_s = max_time_seconds(max_time)
     return Setup(trainer, module, datamodule, stopper, resume_from, resumed_n_img, resumed_step)
 
 
@@ -221,8 +224,9 @@ def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return {"run_dir": str(run_dir), "n_img": s.resumed_n_img, "already_finished": True, "finished": True}
     if trainer.is_global_zero:
         write_run_yaml(run_dir, module.hparams_initial)
-        if s.resume_from is not None:
-            keep_rows_until(run_dir / "logs" / METRICS_CSV, s.resumed_step)
+        # rows after the checkpoint resumed from are trained again; a fresh start keeps none (a run killed before
+        # its first checkpoint left rows that no checkpoint backs)
+        keep_rows_until(run_dir / "logs" / METRICS_CSV, s.resumed_step)
     prepare_relaunch()
     if s.resume_from is not None and trainer.is_global_zero:
         print(f"biasamp.train: resuming from {s.resume_from} (n_img={s.resumed_n_img} of {target})")
@@ -230,8 +234,8 @@ def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     stop_signal = s.checkpoints.stop_signal if s.checkpoints is not None else None
     n_img = int(module.n_img)
     finished = n_img >= target
-    stopped_by = ("target" if finished else "signal" if stop_signal else
-                  "max_time" if cfg.trainer.get("max_time") else "other")
+    by_time = s.checkpoints is not None and s.checkpoints.stopped_by_time
+    stopped_by = "target" if finished else "signal" if stop_signal else "max_time" if by_time else "other"
     summary = _summary(trainer, module, run_dir, finished, stopped_by, target)
     if trainer.is_global_zero:
         summary.write(run_dir)

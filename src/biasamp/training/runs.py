@@ -31,7 +31,7 @@ from biasamp.atomic import atomic_write_json, atomic_write_text
 from biasamp.identity import folder_name, identity
 
 TRAIN_ALLOW = (
-    "name", "resume", "ckpt_path", "allow_other_identity", "paths", "logger", "callbacks", "speed", "data",
+    "name", "resume", "ckpt_path", "paths", "logger", "callbacks.checkpoint", "speed", "data",
     "threads", "rho",
     "log_every_n_steps", "ema_loss_every_n_steps", "max_nonfinite_steps", "batch_gpu",
     "dataset.data_dir", "dataset.download",
@@ -44,12 +44,24 @@ SUMMARY_JSON = "train_summary.json"
 
 def plain_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The resolved config as plain data, without the keys that would resolve through Hydra's runtime
-    (``paths``, ``logger``, ``callbacks``: allow-listed, so the identity never needs them)."""
+    (``paths``, ``logger``, ``callbacks.checkpoint``: allow-listed, so the identity never needs them). Other
+    callbacks (a user's ``+callbacks.swa=...``) can change the weights and stay in."""
+    skip = ("paths", "logger", "hydra")
     if not OmegaConf.is_config(cfg):
-        return {k: v for k, v in dict(cfg).items() if k not in ("paths", "logger", "callbacks", "hydra")}
-    out: dict[str, Any] = {}
+        out = {k: v for k, v in dict(cfg).items() if k not in skip}
+        if isinstance(out.get("callbacks"), Mapping):
+            out["callbacks"] = {k: v for k, v in out["callbacks"].items() if k != "checkpoint"}
+        return {k: v for k, v in out.items() if not (k == "callbacks" and not v)}
+    out = {}
     for key in cfg:
-        if key in ("paths", "logger", "callbacks", "hydra"):
+        if key in skip:
+            continue
+        if key == "callbacks":
+            node = cfg[key] or {}
+            extra = {k: OmegaConf.to_container(node[k], resolve=True) if OmegaConf.is_config(node[k]) else node[k]
+                     for k in node if k != "checkpoint"}
+            if extra:
+                out[key] = extra
             continue
         node = cfg._get_node(key)
         out[key] = OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(node) else cfg[key]
