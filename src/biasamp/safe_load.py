@@ -6,6 +6,7 @@ can never run code: torch's weights-only unpickler refuses any file that names a
 
 from __future__ import annotations
 
+import errno
 import pickle
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ from typing import Any
 import torch
 
 from biasamp.errors import UsageError, reason
+
+# errors of the disk, the network file system or the machine: a good file may read after all, so never "corrupt"
+DISK_ERRNOS = (errno.EIO, errno.EACCES, errno.EPERM, errno.ESTALE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC)
 
 
 def holds_code(err: BaseException) -> bool:
@@ -29,8 +33,13 @@ def load_weights_only(path: str | Path, what: str, hint: str, mmap: bool = False
         raise UsageError(f"{what} {path} does not exist; {hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (OSError, MemoryError):  # the disk or the machine, not the file's content: keep the traceback
+    except MemoryError:
         raise
+    except OSError as err:
+        if err.errno in DISK_ERRNOS:  # the disk or the machine, not the file's content: keep the traceback
+            raise
+        raise UsageError(f"{what} {path} could not be read ({reason(err)}); it may be truncated or not a biasamp "
+                         f"file: {hint}") from err  # e.g. EINVAL from mmap of a truncated file
     except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
         if holds_code(err):
             raise UsageError(f"{what} {path} holds pickled Python objects (code), not only weights and plain data; "
