@@ -23,8 +23,11 @@ from biasamp.safe_load import load_weights_only
 FORMAT_VERSION = 1
 EMA_PREFIX = "ema.module."
 REQUIRED_METADATA = ("config", "label_dim", "img_resolution", "in_channels", "class_names", "bias_names", "rho_data")
-# written since runs have an identity (older checkpoints lack them: metadata() derives them from the config)
-RUN_METADATA = ("identity", "target_img", "label_dropout", "data")
+
+
+def configured_label_dropout(config: dict[str, Any]) -> float:
+    """``model.net.label_dropout`` of a resolved training config (0 when unset)."""
+    return float(((config.get("model") or {}).get("net") or {}).get("label_dropout", 0.0) or 0.0)
 
 
 def checkpoint_metadata(config: dict[str, Any], identity: dict[str, Any], target_img: int, dataset: Any
@@ -32,12 +35,11 @@ def checkpoint_metadata(config: dict[str, Any], identity: dict[str, Any], target
     """The hyper-parameters a training run stores in every checkpoint (and in run.yaml): the resolved ``config``,
     the run's flat ``identity``, its ``target_img``, the ``label_dropout`` it trained with (0: no unconditional
     model), the dataset's ``summary()`` as ``data``, and what rebuilding the network and reading counts needs."""
-    dropout = ((config.get("model") or {}).get("net") or {}).get("label_dropout", 0.0)
     return {
         "config": config,
         "identity": identity,
         "target_img": int(target_img),
-        "label_dropout": float(dropout or 0.0),
+        "label_dropout": configured_label_dropout(config),
         "data": dataset.summary(),
         "label_dim": dataset.num_classes,
         "img_resolution": dataset.img_resolution,
@@ -114,7 +116,7 @@ def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
     config = hp["config"]
     n_img = int(ckpt["n_img"])
     target = int(hp.get("target_img") or target_img(config))
-    dropout = hp.get("label_dropout", ((config.get("model") or {}).get("net") or {}).get("label_dropout", 0.0))
+    dropout = hp.get("label_dropout", configured_label_dropout(config))  # older checkpoints: from the config
     return {**hp, "n_img": n_img, "target_img": target, "finished": n_img >= target,
             "label_dropout": float(dropout or 0.0)}
 

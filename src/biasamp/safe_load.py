@@ -35,12 +35,9 @@ def load_weights_only(path: str | Path, what: str, hint: str, mmap: bool = False
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except MemoryError:
         raise
-    except OSError as err:
-        if err.errno in DISK_ERRNOS:  # the disk or the machine, not the file's content: keep the traceback
-            raise
-        raise UsageError(f"{what} {path} could not be read ({reason(err)}); it may be truncated or not a biasamp "
-                         f"file: {hint}") from err  # e.g. EINVAL from mmap of a truncated file
     except Exception as err:  # noqa: BLE001 - truncated or foreign files raise many types
+        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:  # the disk or the machine, not the file's
+            raise  # content: keep the traceback (other OSErrors, e.g. EINVAL from mmap of a truncated file, are)
         if holds_code(err):
             raise UsageError(f"{what} {path} holds pickled Python objects (code), not only weights and plain data; "
                              f"biasamp refuses to load such a file for safety: {hint}") from err
