@@ -42,18 +42,18 @@ def _initial(noise: IndexNoise, sigmas: Tensor) -> tuple[Tensor, list[float]]:
 
 @torch.no_grad()
 def sample_edm(denoiser: Denoiser, noise: IndexNoise, sigmas: Tensor, solver: str = "heun",
-               s_churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0,
-               num_steps: int | None = None) -> Tensor:
+               s_churn: float = 0.0, s_min: float = 0.0, s_max: float = math.inf, s_noise: float = 1.0) -> Tensor:
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) with a Heun or Euler step.
 
-    sigmas: float64 (M + 1,) decreasing schedule, usually ending at 0. num_steps: N in gamma = S_churn / N, the
-    step count of the unskipped schedule (default M). Returns x float32 (B, *noise.shape).
-    With s_churn = 0 no noise is drawn after the initial one (the deterministic ODE sampler).
+    sigmas: float64 (M + 1,) decreasing schedule, usually ending at 0; gamma_i = min(S_churn / M, sqrt(2) - 1)
+    with M the steps this schedule takes, so after n_skipped_steps M = N - n, the seed's: gamma = S_churn / (N - n).
+    Returns x float32 (B, *noise.shape). With s_churn = 0 no noise is drawn after the initial one (the
+    deterministic ODE sampler).
     """
     if solver not in ("heun", "euler"):
         raise ValueError(f"solver={solver!r} is not allowed: must be heun or euler")
     x, t = _initial(noise, sigmas)
-    n_churn = len(t) - 1 if num_steps is None else int(num_steps)
+    n_churn = len(t) - 1  # the steps actually taken: N - n after n_skipped_steps, as the seed's S_churn / (N - n)
     for i in range(len(t) - 1):
         t_cur, t_next = t[i], t[i + 1]
         gamma = min(s_churn / n_churn, _SQRT2_M1) if s_churn > 0 and s_min <= t_cur <= s_max else 0.0
@@ -75,9 +75,24 @@ def sample_dpmpp(denoiser: Denoiser, noise: IndexNoise, sigmas: Tensor, order: i
 
     In EDM's parametrisation (alpha = 1) with lambda = -log sigma and h = lambda_{i+1} - lambda_i, the exact step is
     x_{i+1} = (sigma_{i+1}/sigma_i) x_i + integral over [lambda_i, lambda_{i+1}] of e^(lambda - lambda_{i+1}) D dlambda;
-    the solvers expand D in lambda around lambda_i with derivatives from the previous steps' denoised values.
-    Step i uses order min(order, i + 1) (lower-order warm-up); a step to sigma = 0 returns the denoised value
-    (the limit h -> inf). sigmas: float64 (N + 1,). Returns x float32 (B, *noise.shape).
+    the solvers expand D in lambda around lambda_i with differences of the previous steps' denoised values.
+
+    3M is the reference DPM-Solver++(3M): the update of DPM-Solver's ``multistep_dpm_solver_third_update``
+    (algorithm "dpmsolver++"), of diffusers' ``DPMSolverMultistepScheduler`` third-order update and of
+    k-diffusion's ``sample_dpmpp_3m_sde`` at eta = 0. With h_0 = lambda_i - lambda_{i-1},
+    h_1 = lambda_{i-1} - lambda_{i-2}, r0 = h_0/h, r1 = h_1/h, D1_0 = (D_i - D_{i-1})/r0,
+    D1_1 = (D_{i-1} - D_{i-2})/r1, D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0 + r1),
+    phi1 = expm1(-h), phi2 = phi1/h + 1, phi3 = phi2/h - 1/2:
+    x_{i+1} = (sigma_{i+1}/sigma_i) x_i - phi1 D_i + phi2 D1 - phi3 D2. Its last term is half the Taylor term
+    of the integral, so it is not exact for D quadratic in lambda and its global error falls as h^2 (with a
+    smaller constant than 2M's); biasamp keeps the references' coefficient.
+
+    Warm-up as DPM-Solver and diffusers: step 0 is first order (DDIM), step 1 (and every step of 2M) the 2M
+    midpoint formula D~ = (1 + 1/(2r)) D_i - D_{i-1}/(2r), r = h_0/h. k-diffusion's 3M differs at step 1: it adds
+    phi2 (D_i - D_{i-1})/r instead (its 2M sampler uses the midpoint formula). No "lower_order_final" is
+    applied (DPM-Solver with fewer than 10 steps and diffusers with fewer than 15 lower the order of the last
+    steps by default); a step to sigma = 0 returns the denoised value (the limit h -> inf), as all three do
+    (DPM-Solver with ``denoise_to_zero``). sigmas: float64 (N + 1,). Returns x float32 (B, *noise.shape).
     """
     if order not in (2, 3):
         raise ValueError(f"order={order!r} is not allowed: must be 2 or 3")
@@ -92,7 +107,7 @@ def sample_dpmpp(denoiser: Denoiser, noise: IndexNoise, sigmas: Tensor, order: i
             continue
         lam, lam_next = -math.log(sigma), -math.log(sigma_next)
         h = lam_next - lam
-        c0 = -math.expm1(-h)  # ∫ e^(λ−λ') dλ over the step = 1 − e^(−h)
+        c0 = -math.expm1(-h)  # ∫ e^(λ−λ') dλ over the step = 1 − e^(−h) = −φ1
         k = min(order, i + 1)
         if k == 1:
             drift = c0 * denoised  # DPM-Solver++(1) (= DDIM): x' = (σ'/σ) x + (1 − e^(−h)) D
@@ -100,17 +115,19 @@ def sample_dpmpp(denoiser: Denoiser, noise: IndexNoise, sigmas: Tensor, order: i
             h_prev = lam - lambdas[-1]
             r = h_prev / h
             # DPM-Solver++(2M), Lu et al. Alg. 2: D̃ = (1 + 1/(2r)) D_i − 1/(2r) D_{i−1}, r = h_{i−1}/h_i
+            # (DPM-Solver's and diffusers' midpoint form −φ1 D_i − φ1 (D_i − D_{i−1})/(2r); also 3M's step 1)
             drift = c0 * ((1.0 + 0.5 / r) * denoised - (0.5 / r) * denoised_hist[-1])
         else:
             h1, h2 = lam - lambdas[-1], lambdas[-1] - lambdas[-2]
-            c1 = h - c0  # ∫ e^(λ−λ') (λ − λ_i) dλ = h − 1 + e^(−h)
-            c2 = 0.5 * h * h - c1  # ∫ e^(λ−λ') (λ − λ_i)²/2 dλ = h²/2 − h + 1 − e^(−h)
-            slope_01 = (denoised - denoised_hist[-1]) / h1  # divided differences of D over λ
-            slope_12 = (denoised_hist[-1] - denoised_hist[-2]) / h2
-            curv = (slope_01 - slope_12) / (h1 + h2)  # D[λ_i, λ_{i−1}, λ_{i−2}] = D''/2
-            d1 = slope_01 + h1 * curv  # D'(λ_i) from the quadratic through the last three points
-            # DPM-Solver++(3M): x' = (σ'/σ) x + c0 D + c1 D' + c2 D''
-            drift = c0 * denoised + c1 * d1 + (2.0 * c2) * curv
+            c1 = h - c0  # ∫ e^(λ−λ') (λ − λ_i) dλ = h − 1 + e^(−h) = h φ2
+            c2 = 0.5 * h * h - c1  # ∫ e^(λ−λ') (λ − λ_i)²/2 dλ = h²/2 − h + 1 − e^(−h) = −h² φ3
+            slope_01 = (denoised - denoised_hist[-1]) / h1  # divided differences of D over λ: D1_0 / h
+            slope_12 = (denoised_hist[-1] - denoised_hist[-2]) / h2  # D1_1 / h
+            curv = (slope_01 - slope_12) / (h1 + h2)  # D[λ_i, λ_{i−1}, λ_{i−2}] = D2 / h²
+            d1 = slope_01 + h1 * curv  # D'(λ_i) from the quadratic through the last three points = D1 / h
+            # reference DPM-Solver++(3M): x' = (σ'/σ) x − φ1 D + φ2 D1 − φ3 D2 = (σ'/σ) x + c0 D + c1 d1 + c2 curv
+            # (c2 curv is half the Taylor term c2 D'' = 2 c2 curv; DPM-Solver, diffusers and k-diffusion use c2 curv)
+            drift = c0 * denoised + c1 * d1 + c2 * curv
         x = (sigma_next / sigma) * x + drift  # exponential integrator: x' = (σ'/σ) x + ∫ e^(λ−λ') D dλ
         lambdas.append(lam)
         denoised_hist.append(denoised)
@@ -282,8 +299,7 @@ def sample(denoiser: Denoiser, noise: IndexNoise, sampler_cfg: Mapping[str, Any]
     name = c["name"]
     if name == "edm":
         return sample_edm(denoiser, noise, sigmas, solver=c["solver"], s_churn=float(c["s_churn"]),
-                          s_min=float(c["s_min"]), s_max=float(c["s_max"]), s_noise=float(c["s_noise"]),
-                          num_steps=int(c["num_steps"]))
+                          s_min=float(c["s_min"]), s_max=float(c["s_max"]), s_noise=float(c["s_noise"]))
     if name == "dpmpp":
         return sample_dpmpp(denoiser, noise, sigmas, order=int(c["order"]))
     if name == "ddim":
