@@ -14,7 +14,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from biasamp.analysis import rho_model_from_counts
 from biasamp.checkpoints import load_checkpoint
+from biasamp.counting.counts import write_matrices
 from biasamp.errors import UsageError
 from tests.conftest import CONF_DIR, run_count
 
@@ -96,6 +98,26 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
 
     grid = Image.open(job / "grid.png")
     assert grid.size == (3 * 34 + 2, 3 * 34 + 2)  # 3 per row, 3 rows, 32 px + 2 px padding
+
+
+def test_seed_matrix_reads_back_by_the_seed_rule(tmp_path):
+    # K = 3 classes x 3 colours (valid and invalid rows), then the uncond row; asymmetric so a shifted column shows
+    classes, colours = ["0", "1", "2"], ["red", "green", "blue"]
+    hits = {"0": [7, 2, 1], "1": [3, 11, 0], "2": [4, 5, 9], "uncond": [6, 6, 8]}  # per colour, valid + invalid
+    records = []
+    for row, per_colour in hits.items():
+        for colour, n in zip(colours, per_colour, strict=True):
+            records += [(row, colour, True, n - n // 3), (row, colour, False, n // 3)]
+    table = pd.DataFrame.from_records(records, columns=["class", "colour", "valid", "count"])
+    (path,) = write_matrices(tmp_path, table, ["colour"], [colours], [*classes, "uncond"], "seed")
+    text = path.read_text()
+    assert text.splitlines()[0] == "7,2,1,0"  # no header, no class column, the legacy zero column last
+    m = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    assert m.shape == (4, 4) and (m[:, 3] == 0).all() and m[3, :3].tolist() == [6, 6, 8]
+    k = len(classes)
+    rho_seed = np.trace(m[:k, :k]) / m[:k].sum()  # the seed's rule; the uncond row (last) excluded
+    assert rho_seed == pytest.approx((7 + 11 + 9) / (10 + 14 + 18), abs=1e-15)
+    assert rho_seed == pytest.approx(rho_model_from_counts(table, classes, colours, "colour").rho_model, abs=1e-15)
 
 
 # ---------------------------------------------------------------------------------------------- exactness

@@ -4,8 +4,9 @@
   combination (zeros too), rows in the job's row order (classes in model order, ``uncond`` last). It is made
   from state.json alone (:func:`counts_table`), so a reader can check it against the state.
 - ``counts_matrix_<attribute>.csv`` (``export_matrix: wide``): class x value, valid and invalid summed, with a
-  header; ``export_matrix: seed`` writes the seed's layout instead: no header, no class column, a leading
-  all-zero column, rows = classes then the unconditional row.
+  header; ``export_matrix: seed`` writes the seed's layout instead: no header, no class column, the K value
+  columns then an all-zero legacy column last, rows = classes then the unconditional row (so the seed's
+  rho = trace(M[:K, :K]) / sum of the K class rows reads it as written).
 
 Torch-free (the report reads these files).
 """
@@ -94,9 +95,9 @@ def write_matrices(folder: Path, table: pd.DataFrame, attributes: Sequence[str],
         path = matrix_path(folder, attribute)
         if style == "wide":
             text = m.rename_axis(index=CLASS_COLUMN, columns=None).to_csv(lineterminator="\n")
-        else:  # the seed's layout: no header, a legacy all-zero first column, the uncond row last
+        else:  # the seed's layout: no header, the value columns then a legacy all-zero last column, uncond row last
             seed = m.copy()
-            seed.insert(0, "legacy", 0)
+            seed["legacy"] = 0
             buf = io.StringIO()
             seed.to_csv(buf, header=False, index=False, lineterminator="\n")
             text = buf.getvalue()
