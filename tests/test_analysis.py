@@ -6,6 +6,7 @@ import io
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -84,6 +85,7 @@ def test_wilson_and_jeffreys_near_nominal():
     assert jeffreys(0, 50)[1] < 0.05
 
 
+@pytest.mark.filterwarnings("ignore:bootstrap interval for k=")  # p = 0.99 reaches k within 5 of n
 def test_bootstrap_reasonable_at_n_1000():
     for p in GRID_P:
         assert exact_coverage(p, 1000, "bootstrap") >= 0.93, p
@@ -121,6 +123,73 @@ def test_wilson_hand_values():
     for k, n in ((3, 20), (40, 50), (1, 1000)):
         for end in wilson(k, n):
             assert abs(k / n - end) == pytest.approx(z * math.sqrt(end * (1 - end) / n), rel=1e-9)
+
+
+def wilson_by_hand(k: int, n: int, level: float) -> tuple[float, float]:
+    """Wilson (1927) score interval without continuity correction, as Brown, Cai & DasGupta (2001) eq. 4 write it:
+    centre (k + z^2/2) / (n + z^2), half-width z sqrt(n) / (n + z^2) sqrt(p_hat (1 - p_hat) + z^2 / (4 n))."""
+    z = stats.norm.ppf(1 - (1 - level) / 2)
+    p_hat = k / n
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z * math.sqrt(n) / (n + z * z) * math.sqrt(p_hat * (1 - p_hat) + z * z / (4 * n))
+    return centre - half, centre + half
+
+
+def test_wilson_is_the_closed_form_score_interval():
+    for n in (1, 2, 7, 50, 333, 1000, 10**5):
+        for k in sorted({0, 1, n // 7, n // 2, n - 1, n}):
+            for level in (0.8, 0.95, 0.99):
+                low, high = wilson(k, n, level)
+                assert isinstance(low, float) and isinstance(high, float)
+                assert (low, high) == pytest.approx(wilson_by_hand(k, n, level), abs=1e-12), (k, n, level)
+    # the edges exactly: lower 0 at k = 0 (the closed form gives 0 up to round-off), upper 1 at k = n
+    assert wilson(0, 30)[0] == 0.0 and wilson(30, 30)[1] == 1.0
+
+
+def test_clopper_pearson_is_the_beta_quantile_interval():
+    # Clopper & Pearson (1934): lower = Beta(a/2; k, n - k + 1), upper = Beta(1 - a/2; k + 1, n - k)
+    for n in (1, 2, 7, 50, 333, 1000):
+        for k in sorted({1, n // 3, n // 2, n - 1}):
+            if not 0 < k < n:
+                continue
+            for level in (0.9, 0.95):
+                a = 1 - level
+                by_hand = (stats.beta.ppf(a / 2, k, n - k + 1), stats.beta.ppf(1 - a / 2, k + 1, n - k))
+                assert clopper_pearson(k, n, level) == pytest.approx(by_hand, abs=1e-11), (k, n, level)
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-12))  # (a/2)^(1/n) rule
+    assert clopper_pearson(10, 10) == (pytest.approx(0.025 ** (1 / 10), abs=1e-12), 1.0)
+    for method in ("clopper_pearson", "wilson", "jeffreys"):
+        assert proportion_interval(0, 25, method=method)[0] == 0.0
+        assert proportion_interval(25, 25, method=method)[1] == 1.0
+
+
+def bootstrap_warnings(k: int, n: int) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bootstrap_interval(k, n, n_boot=200)
+    return caught
+
+
+def test_bootstrap_warns_once_within_5_of_0_or_n():
+    for k, n in ((0, 2000), (2, 2000), (5, 2000), (1995, 2000), (2000, 2000), (3, 8)):
+        caught = bootstrap_warnings(k, n)
+        assert len(caught) == 1 and caught[0].category is UserWarning, (k, n)
+        assert f"k={k} of n={n}" in str(caught[0].message) and "under-covers" in str(caught[0].message)
+    for k, n in ((6, 2000), (1000, 2000), (1994, 2000), (6, 12)):
+        assert bootstrap_warnings(k, n) == [], (k, n)
+    assert bootstrap_warnings(0, 0) == []  # n = 0 is (nan, nan), no interval to warn about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        proportion_interval(1, 500, method="bootstrap")
+        proportion_interval(1, 500, method="wilson")
+    assert len(caught) == 1
+
+
+@pytest.mark.filterwarnings("ignore:bootstrap interval for k=")
+def test_bootstrap_under_covers_near_one_where_clopper_pearson_does_not():
+    cov = exact_coverage(0.999, 2000, "bootstrap")
+    assert 0.80 < cov < 0.90, cov  # 0.864 at 95% nominal: the docstrings' figure
+    assert exact_coverage(0.999, 2000, "clopper_pearson") >= 0.95
 
 
 def test_jeffreys_and_edges():
