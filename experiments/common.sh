@@ -19,6 +19,14 @@ else
     REPORT_SMOKE=()
 fi
 
+# Every paper count runs in fp32, as the seed did: bf16 (the count app's `precision: auto` on CUDA) is used only
+# where a committed agreement check (benchmarks/precision_check.py: the same model and seeds, bf16 vs fp32
+# rho_model inside each other's intervals at the recipe's largest w) says it is safe, and none has run on a GPU yet.
+COUNT_COMMON=(precision=fp32)
+# The seed's churn window (EDM's ImageNet-64 setting, which the seed's counting used): churn only where
+# 0.05 <= t_i <= 50, churn noise std 1.003; passed to every count that sweeps S_churn.
+SEED_CHURN=(sampler.s_min=0.05 sampler.s_max=50 sampler.s_noise=1.003)
+
 # run folders of a multirun as one comma-separated Hydra sweep value: runs_csv name1 name2 ...
 runs_csv() {
     local out="" name

@@ -80,10 +80,12 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
     results = pd.read_csv(job.parent / "results.csv")
     assert len(results) == 1
     assert list(results.columns) == [
-        "job_dir", "run", "checkpoint", "dataset", "attribute", "rho_data", "sampler.name", "sampler.solver",
+        "job_dir", "run", "checkpoint", "train_seed", "train_config", "dataset", "attribute", "rho_data",
+        "sampler.name", "sampler.solver",
         "sampler.num_steps", "sampler.sigma_min", "sampler.sigma_max", "sampler.rho", "sampler.s_churn",
         "sampler.s_min", "sampler.s_max", "sampler.s_noise", "sampler.n_skipped_steps", "guidance",
-        "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "precision", "seed", "n_per_class", "n",
+        "guidance_uncond", "guidance_interval", "oracle", "oracle_options", "class_oracle", "precision", "seed",
+        "n_per_class", "n",
         "n_aligned", "rho_model", "ci_low", "ci_high", "ci_method", "ci_level", "delta", "n_invalid",
         "rho_model_valid", "nfe", "images_per_s"]
     row = results.iloc[0]
@@ -94,6 +96,12 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
     assert row["ci_low"] <= row["rho_model"] <= row["ci_high"] and row["ci_method"] == "clopper_pearson"
     assert row["delta"] == pytest.approx(row["rho_model"] - row["rho_data"])
     assert row["sampler.num_steps"] == 4 and row["guidance"] == 0
+    # what tells models and oracles apart: the training seed, the seed-free training identity, resolved options
+    hp = load_checkpoint(tiny_checkpoint)["hyper_parameters"]
+    assert row["train_seed"] == hp["config"]["seed"] and len(row["train_config"]) == 8
+    assert json.loads(row["oracle_options"]) == {"allowed_colours": ["red", "green"], "max_distance": 80.0,
+                                                 "min_confidence": 0.2}
+    assert row["precision"] == "fp32"
     assert "rho_model=" in proc.stdout and "img/s" in proc.stdout
 
     grid = Image.open(job / "grid.png")

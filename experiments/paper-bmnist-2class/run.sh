@@ -10,6 +10,6 @@ size_list=$(IFS=,; echo "${SIZES[*]}")
     paths.output_dir="$OUT" "${TRAIN_SMOKE[@]}"
 runs=(); for s in "${SIZES[@]}"; do runs+=("paper_bmnist2_n${s}_rho0.9_seed0"); done
 "$PY" -m biasamp.count -m checkpoint="$(runs_csv "${runs[@]}")" sweep_name=paper-bmnist-2class \
-    sampler.num_steps="$STEPS" sampler.s_churn=0,40 sampler.s_min=0.05 sampler.s_max=50 sampler.s_noise=1.003 \
-    n_per_class="$N" paths.output_dir="$OUT" "${COUNT_SMOKE[@]}"
+    sampler.num_steps="$STEPS" sampler.s_churn=0,40 "${SEED_CHURN[@]}" \
+    n_per_class="$N" paths.output_dir="$OUT" "${COUNT_COMMON[@]}" "${COUNT_SMOKE[@]}"
 "$PY" -m biasamp.report sweep="$OUT/count/paper-bmnist-2class" "${REPORT_SMOKE[@]}"

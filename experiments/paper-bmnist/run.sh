@@ -11,6 +11,7 @@ rho_list=$(IFS=,; echo "${RHOS[*]}")
 # 2. count every model under (steps, churn) in {6, 160} x {0, 60}: N per class, 10 classes
 runs=(); for r in "${RHOS[@]}"; do runs+=("paper_bmnist_rho${r}_seed0"); done
 "$PY" -m biasamp.count -m checkpoint="$(runs_csv "${runs[@]}")" sweep_name=paper-bmnist \
-    sampler.num_steps="$STEPS" sampler.s_churn=0,60 n_per_class="$N" paths.output_dir="$OUT" "${COUNT_SMOKE[@]}"
+    sampler.num_steps="$STEPS" sampler.s_churn=0,60 "${SEED_CHURN[@]}" n_per_class="$N" paths.output_dir="$OUT" \
+    "${COUNT_COMMON[@]}" "${COUNT_SMOKE[@]}"
 # 3. table and figure (rho_model vs rho_data, one line per setting)
 "$PY" -m biasamp.report sweep="$OUT/count/paper-bmnist" "${REPORT_SMOKE[@]}"

@@ -10,5 +10,6 @@ rho_list=$(IFS=,; echo "${RHOS[*]}")
     "${TRAIN_SMOKE[@]}"
 runs=(); for r in "${RHOS[@]}"; do runs+=("paper_bmnist_rho${r}_seed0"); done
 "$PY" -m biasamp.count -m checkpoint="$(runs_csv "${runs[@]}")" sweep_name=paper-guidance \
-    guidance="$W" sampler.num_steps="$STEPS" n_per_class="$N" paths.output_dir="$OUT" "${COUNT_SMOKE[@]}"
+    guidance="$W" sampler.num_steps="$STEPS" n_per_class="$N" paths.output_dir="$OUT" "${COUNT_COMMON[@]}" \
+    "${COUNT_SMOKE[@]}"
 "$PY" -m biasamp.report sweep="$OUT/count/paper-guidance" "${REPORT_SMOKE[@]}"

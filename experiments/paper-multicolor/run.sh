@@ -10,5 +10,6 @@ csv() { local IFS=,; echo "$*"; }
     dataset.rho_right="$(csv "${RIGHT[@]}")" resume=auto paths.output_dir="$OUT" "${TRAIN_SMOKE[@]}"
 runs=(); for l in "${LEFT[@]}"; do for r in "${RIGHT[@]}"; do runs+=("paper_multicolor_l${l}_r${r}_seed0"); done; done
 "$PY" -m biasamp.count -m checkpoint="$(runs_csv "${runs[@]}")" sweep_name=paper-multicolor \
-    guidance="$W" sampler.num_steps="$STEPS" n_per_class="$N" paths.output_dir="$OUT" "${COUNT_SMOKE[@]}"
+    guidance="$W" sampler.num_steps="$STEPS" n_per_class="$N" paths.output_dir="$OUT" "${COUNT_COMMON[@]}" \
+    "${COUNT_SMOKE[@]}"
 "$PY" -m biasamp.report sweep="$OUT/count/paper-multicolor" "${REPORT_SMOKE[@]}"

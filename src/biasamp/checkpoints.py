@@ -121,6 +121,21 @@ def metadata(ckpt: dict[str, Any]) -> dict[str, Any]:
             "label_dropout": float(dropout or 0.0)}
 
 
+def training_seed(meta: dict[str, Any]) -> int | None:
+    """The ``seed`` the checkpoint's run was trained with (None for a config without one)."""
+    seed = (meta.get("config") or {}).get("seed")
+    return None if seed is None else int(seed)
+
+
+def seed_free_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The run's identity without its training seed: ``seed`` and every setting that takes its value from it
+    (``dataset.seed: ${seed}``). Runs that differ only by ``seed=`` share it: they are replicates of one
+    training setting, and the report aggregates their counts over seeds."""
+    ident = dict(meta.get("identity") or {})
+    seed = ident.pop("seed", (meta.get("config") or {}).get("seed"))
+    return {k: v for k, v in ident.items() if not (k.endswith(".seed") and v == seed)}
+
+
 def ema_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The EMA denoiser's weights (keys as in ``EDMPrecond.state_dict()``)."""
     state = {k[len(EMA_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(EMA_PREFIX)}

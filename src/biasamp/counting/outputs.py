@@ -18,6 +18,7 @@ import pandas as pd
 
 import biasamp
 from biasamp.analysis import rho_model_from_counts
+from biasamp.checkpoints import seed_free_identity, training_seed
 from biasamp.counting.counts import COUNTS_NAME, counts_table, counts_text, matrix_path, write_counts, write_matrices
 from biasamp.counting.job import RunStats
 from biasamp.counting.meta import (
@@ -56,6 +57,20 @@ def _oracle_name(path: Any) -> str:
     """An oracle checkpoint's short name: its folder (runs/oracles/<name>/oracle.ckpt), else its file stem."""
     p = Path(str(path))
     return p.parent.name if p.name == "oracle.ckpt" and p.parent.name else p.stem
+
+
+def oracle_options(plan: Plan) -> str:
+    """The oracle's resolved options as they enter the job's identity (allowed colours, thresholds, the file's
+    sha256 for a classifier; not its name, attributes or value names), as compact JSON for results.csv."""
+    skip = {"oracle.name", "oracle.attributes", "oracle.value_names"}
+    options = {k.removeprefix("oracle."): v for k, v in plan.identity.items()
+               if k.startswith("oracle.") and k not in skip}
+    return json.dumps(options, sort_keys=True, separators=(",", ":"))
+
+
+def train_config(plan: Plan) -> str:
+    """The hash of the checkpoint's run identity without its seed ("" for a checkpoint that stores no identity)."""
+    return identity_hash(seed_free_identity(plan.meta)) if plan.meta.get("identity") else ""
 
 
 def _table(plan: Plan, state: CountState) -> pd.DataFrame:
@@ -110,7 +125,8 @@ def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path,
         fidelity = rho_model_from_counts(table, class_names, class_names, CLASS_PRED, level=level)
         values = [v for a, v in zip(attributes, values, strict=True) if a != CLASS_PRED]
         attributes = [a for a in attributes if a != CLASS_PRED]
-    rho_data = {a: data_rho(plan.meta, a, len(attributes)) for a in attributes}
+    counted = [r.name for r in plan.rows if r.class_index is not None]
+    rho_data = {a: data_rho(plan.meta, a, len(attributes), counted) for a in attributes}
     est = {a: rho_model_from_counts(table, class_names, v, a, level=level)
            for a, v in zip(attributes, values, strict=True)}
     est_valid = {a: rho_model_from_counts(table, class_names, v, a, level=level, valid_only=True)
@@ -159,10 +175,12 @@ def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path,
         rho_model_by_attribute={a: est[a].rho_model for a in attributes}, summary=summary)
     write_meta(job_dir, meta)
     update_results(sweep_dir / RESULTS_NAME, [ResultsRow(
-        job_dir=job_dir.name, run=plan.run, checkpoint=str(plan.checkpoint), dataset=meta.dataset["name"],
+        job_dir=job_dir.name, run=plan.run, checkpoint=str(plan.checkpoint), train_seed=training_seed(plan.meta),
+        train_config=train_config(plan), dataset=meta.dataset["name"],
         attribute=a, rho_data=rho_data[a], sampler=s.sampler, guidance=s.guidance, guidance_uncond=s.guidance_uncond,
         guidance_interval=json.dumps(interval) if interval else "", oracle=s.oracle["name"],
-        class_oracle=_oracle_name(s.class_oracle) if s.class_oracle else "", precision=s.precision, seed=s.seed,
+        oracle_options=oracle_options(plan), class_oracle=_oracle_name(s.class_oracle) if s.class_oracle else "",
+        precision=s.precision, seed=s.seed,
         n_per_class=s.n_per_class, n=est[a].n, n_aligned=est[a].n_aligned, rho_model=est[a].rho_model,
         ci_low=est[a].ci_low, ci_high=est[a].ci_high, ci_method=est[a].ci_method, ci_level=est[a].ci_level,
         delta=est[a].rho_model - rho_data[a], n_invalid=n_invalid, rho_model_valid=est_valid[a].rho_model,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,16 +50,33 @@ def sha256_file(path: str | Path) -> str:
     return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def data_rho(meta: Mapping[str, Any], attribute: str, n_attributes: int) -> float:
-    """The training data's rho for one oracle attribute: the dataset summary's per-attribute value, else (one
-    attribute) the checkpoint's rho_data. A missing attribute is refused (UsageError), never a silent fallback."""
-    by_attribute = (meta.get("data") or {}).get("rho_by_attribute") or {}
+def data_rho(meta: Mapping[str, Any], attribute: str, n_attributes: int,
+             classes: Sequence[str] | None = None) -> float:
+    """The training data's rho for one oracle attribute, as the mean over the counted classes of each class's own
+    aligned share (``classes``: the class names counted; None: all of them).
+
+    rho_model weights classes equally (every class row has n_per_class samples), so rho_data does too: then
+    delta = rho_model - rho_data compares like with like even when classes differ in size or in rho (a per-class
+    rho list, rho=null). The per-class shares come from the dataset summary (``rho_per_class_by_attribute``, or
+    ``rho_per_class`` for one attribute); a checkpoint without them falls back to its pooled value. A missing
+    attribute is refused (UsageError), never a silent fallback."""
+    data = meta.get("data") or {}
+    by_attribute = data.get("rho_by_attribute") or {}
+    if attribute not in by_attribute and not (n_attributes == 1 and len(by_attribute) <= 1):
+        raise UsageError(f"the oracle's attribute {attribute!r} is not a bias attribute of the checkpoint's dataset "
+                         f"({sorted(by_attribute)}); use an oracle for that dataset")
+    per_class = (data.get("rho_per_class_by_attribute") or {}).get(attribute)
+    if per_class is None and n_attributes == 1:
+        per_class = data.get("rho_per_class")
+    names = [str(c) for c in data.get("class_names") or meta.get("class_names") or []]
+    if per_class is not None and len(per_class) == len(names) and names:
+        own = dict(zip(names, (float(r) for r in per_class), strict=True))
+        wanted = [str(c) for c in classes] if classes is not None else names
+        if all(c in own for c in wanted) and wanted:
+            return float(sum(own[c] for c in wanted) / len(wanted))
     if attribute in by_attribute:
         return float(by_attribute[attribute])
-    if n_attributes == 1 and len(by_attribute) <= 1:
-        return float(meta["rho_data"])
-    raise UsageError(f"the oracle's attribute {attribute!r} is not a bias attribute of the checkpoint's dataset "
-                     f"({sorted(by_attribute)}); use an oracle for that dataset")
+    return float(meta["rho_data"])
 
 
 def _json_ready(value: Any) -> Any:
@@ -120,7 +137,7 @@ def plan_job(settings: CountSettings) -> Plan:
         rows.append(Row(UNCOND, None))
     oracle = build_oracle(settings.oracle, meta)
     for attribute in oracle.attributes:  # each bias column needs the training data's rho (before any sampling)
-        data_rho(meta, attribute, len(oracle.attributes))
+        data_rho(meta, attribute, len(oracle.attributes), [r.name for r in rows if r.class_index is not None])
     oracle_identity = _oracle_identity(settings.oracle, oracle)
     if settings.class_oracle is not None:
         oracle = with_class_prediction(oracle, str(settings.class_oracle), meta)

@@ -3,7 +3,10 @@
 Columns, in this order (``results_columns``): ``HEAD_COLUMNS``, then one ``sampler.<key>`` column per
 parameter of the sampler family, then ``SETTING_COLUMNS``, ``ESTIMATE_COLUMNS``, the class-fidelity columns
 (``FIDELITY_COLUMNS``, only for jobs counted with a class oracle) and ``SPEED_COLUMNS``. An ``attribute``
-column names the bias attribute (Multi-Color MNIST has ``left`` and ``right``). The file is updated under a
+column names the bias attribute (Multi-Color MNIST has ``left`` and ``right``); ``train_seed`` and
+``train_config`` (the hash of the training run's identity without its seed) let the report find models that
+differ only by training seed; ``rho_data`` is the class mean of the counted classes' training shares (as
+rho_model weights classes equally); ``precision`` is the resolved one (fp32 | bf16). The file is updated under a
 file lock and a job's rows are replaced, never duplicated, when the job is written again. Only empty cells
 are missing values: ``null`` (guidance_uncond) stays a string. Torch-free: the report reads it.
 """
@@ -23,10 +26,10 @@ from biasamp.atomic import atomic_write_text
 from biasamp.errors import UsageError
 
 RESULTS_NAME = "results.csv"
-HEAD_COLUMNS = ("job_dir", "run", "checkpoint", "dataset", "attribute", "rho_data")
+HEAD_COLUMNS = ("job_dir", "run", "checkpoint", "train_seed", "train_config", "dataset", "attribute", "rho_data")
 SAMPLER_PREFIX = "sampler."
-SETTING_COLUMNS = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "precision", "seed",
-                   "n_per_class")
+SETTING_COLUMNS = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "oracle_options", "class_oracle",
+                   "precision", "seed", "n_per_class")
 ESTIMATE_COLUMNS = ("n", "n_aligned", "rho_model", "ci_low", "ci_high", "ci_method", "ci_level", "delta",
                     "n_invalid", "rho_model_valid")
 FIDELITY_COLUMNS = ("class_fidelity", "class_fidelity_low", "class_fidelity_high", "class_fidelity_n",
@@ -44,6 +47,8 @@ class ResultsRow:
     job_dir: str
     run: str
     checkpoint: str
+    train_seed: int | None  # the seed the checkpoint's run was trained with
+    train_config: str  # hash of the run's identity without its seed ("" when the checkpoint has no identity)
     dataset: str
     attribute: str
     rho_data: float
@@ -52,6 +57,7 @@ class ResultsRow:
     guidance_uncond: str
     guidance_interval: str  # JSON list, or "" without an interval
     oracle: str
+    oracle_options: str  # JSON of the oracle's resolved options (allowed colours, thresholds, file sha256)
     class_oracle: str  # the class oracle's short name, or ""
     precision: str
     seed: int
