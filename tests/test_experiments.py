@@ -23,6 +23,7 @@ RECIPES = [
     ("paper-bmnist-2class", 4, ["rho_vs_churn.png"]),
     ("paper-multicolor", 4, ["rho_vs_guidance.png"]),  # 2 settings x 2 attributes
 ]
+CHURN_RECIPES = ("paper-bmnist", "paper-steps", "paper-bmnist-2class")
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
@@ -36,6 +37,11 @@ def test_smoke_paper_targets_run_end_to_end(tmp_path):
         results = pd.read_csv(sweep / "results.csv")
         assert len(results) == settings, target
         assert results["rho_model"].between(0, 1).all() and (results["ci_low"] <= results["ci_high"]).all()
+        assert (results["precision"] == "fp32").all(), target  # the seed's precision, resolved, in every recipe
+        if target in CHURN_RECIPES:  # churn in the seed's window, not at every step
+            churn = results[results["sampler.s_churn"] > 0]
+            assert len(churn) and (churn["sampler.s_min"] == 0.05).all() and (churn["sampler.s_max"] == 50).all()
+            assert (churn["sampler.s_noise"] == 1.003).all(), target
         for fig in figures:
             assert (sweep / "report" / fig).stat().st_size > 0, (target, fig)
         assert (sweep / "report" / "results.md").is_file()

@@ -38,17 +38,23 @@ HAND = {
 PNG, PDF = b"\x89PNG\r\n\x1a\n", b"%PDF"
 
 
-def _run_name(rho: float) -> str:
-    return f"biased_mnist_rho{rho}_seed0-ckpt-0001000"
+def _run_name(rho: float, train_seed: int = 0) -> str:
+    return f"biased_mnist_rho{rho}_seed{train_seed}-ckpt-0001000"
 
 
-def write_sweep(root: Path, rho: float, confusion: dict | None = None) -> Path:
-    """One count sweep folder (one checkpoint, 6 settings) exactly as biasamp.count writes it."""
-    sweep = root / _run_name(rho)
+def write_sweep(root: Path, rho: float, confusion: dict | None = None, train_seed: int = 0,
+                shift: tuple[int, int] = (0, 0), uncond: tuple[int, int] | None = None) -> Path:
+    """One count sweep folder (one checkpoint, 6 settings) exactly as biasamp.count writes it.
+
+    ``train_seed``: the checkpoint's training seed (its run name says it); ``shift``: aligned samples of class
+    0 and 1 moved to the other colour (another seed's model); ``uncond``: (red, green) counts of an uncond row."""
+    run = _run_name(rho, train_seed)
+    sweep = root / run
     for (r, steps, w), (a0, a1, inv0, inv1) in HAND.items():
         if r != rho:
             continue
-        job = sweep / f"{_run_name(rho)}__edm-heun-steps{steps}-churn0-w{w}-{steps:02d}{w:02d}abcd"
+        a0, a1 = a0 - shift[0], a1 - shift[1]
+        job = sweep / f"{run}__edm-heun-steps{steps}-churn0-w{w}-{steps:02d}{w:02d}abc{train_seed}"
         state = CountState(identity={"test": steps}, shape=(2, 2))
         for c, (aligned, invalid) in enumerate(((a0, inv0), (a1, inv1))):
             counts = np.zeros((2, 2), dtype=np.int64)  # (colour, valid)
@@ -57,7 +63,12 @@ def write_sweep(root: Path, rho: float, confusion: dict | None = None) -> Path:
             counts[other, 0] = invalid
             counts[other, 1] = N_PER_CLASS - aligned - invalid
             state.counts[CLASSES[c]], state.done[CLASSES[c]] = counts, N_PER_CLASS
-        table = counts_table(state, CLASSES, ["colour"], [COLOURS])
+        rows = list(CLASSES)
+        if uncond is not None:
+            state.counts["uncond"] = np.array([[0, uncond[0]], [0, uncond[1]]], dtype=np.int64)
+            state.done["uncond"] = sum(uncond)
+            rows.append("uncond")
+        table = counts_table(state, rows, ["colour"], [COLOURS])
         write_counts(job, table)
         state.save(job)
         sampler = {"name": "edm", "solver": "heun", "num_steps": steps, "sigma_min": None, "sigma_max": None,
@@ -65,16 +76,17 @@ def write_sweep(root: Path, rho: float, confusion: dict | None = None) -> Path:
                    "n_skipped_steps": 0}
         nfe = (2 * steps - 1) * (2 if w else 1)
         write_meta(job, JobMeta(
-            run=_run_name(rho), rho_data=rho, class_names=CLASSES, dataset={"name": "biased_mnist", "rho": rho},
+            run=run, rho_data=rho, class_names=CLASSES, rows=[{"name": r} for r in rows], dataset={"name": "biased_mnist", "rho": rho},
             dataset_summary={"class_names": CLASSES, "rho_per_class": [rho, rho - 0.01]},
             sampler=sampler, guidance=float(w), guidance_uncond="null", seed=0, n_per_class=N_PER_CLASS,
             nfe_per_image=nfe, oracle=oracle_entry({"name": "colour"}, ["colour"], [COLOURS], confusion)))
         k, n = a0 + a1, 2 * N_PER_CLASS
         ci = binomtest(k, n).proportion_ci(0.95, method="exact")
         update_results(sweep / "results.csv", [ResultsRow(
-            job_dir=job.name, run=_run_name(rho), checkpoint=f"/ckpts/{_run_name(rho)}.ckpt", dataset="biased_mnist",
-            attribute="colour", rho_data=rho, sampler=sampler, guidance=float(w), guidance_uncond="null",
-            guidance_interval="", oracle="colour", class_oracle="", precision="fp32", seed=0,
+            job_dir=job.name, run=run, checkpoint=f"/ckpts/{run}.ckpt", train_seed=train_seed,
+            train_config=f"cfg{rho}", dataset="biased_mnist", attribute="colour", rho_data=rho, sampler=sampler,
+            guidance=float(w), guidance_uncond="null", guidance_interval="", oracle="colour",
+            oracle_options='{"max_distance":80.0}', class_oracle="", precision="fp32", seed=0,
             n_per_class=N_PER_CLASS, n=n, n_aligned=k, rho_model=k / n, ci_low=ci.low, ci_high=ci.high,
             ci_method="clopper_pearson", ci_level=0.95, delta=k / n - rho, n_invalid=inv0 + inv1,
             rho_model_valid=k / (n - inv0 - inv1), nfe=float(nfe), images_per_s=100.0)])
