@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     ?= $(VENV)/bin/python
 OUT    ?= runs
 SMOKE  ?= 0
-QUICK_CKPT := $(OUT)/train/quickstart_rho0.9_seed0
+SEEDS  ?= 1
 
 .PHONY: help install test test-slow test-gpu lint quickstart clean \
 	paper-bmnist paper-bmnist-2class paper-steps paper-guidance paper-multicolor
@@ -35,11 +35,8 @@ test-gpu:  ## the GPU tests (needs CUDA)
 lint:  ## ruff
 	$(VENV)/bin/ruff check src tests
 
-quickstart:  ## train -> count sweep -> report on the embedded Biased MNIST (CPU, about 5 minutes)
-	$(PY) -m biasamp.train experiment=quickstart resume=auto paths.output_dir=$(OUT)
-	$(PY) -m biasamp.count -m checkpoint=$(QUICK_CKPT) sweep_name=quickstart paths.output_dir=$(OUT) \
-		sampler=edm,dpmpp sampler.num_steps=6,18 guidance=0,1,3 n_per_class=100
-	$(PY) -m biasamp.report sweep=$(OUT)/count/quickstart
+quickstart:  ## train -> count -> report on the embedded Biased MNIST (CPU, about 7 min; SEEDS=3: 3 training seeds)
+	SEEDS=$(SEEDS) PY=$(PY) OUT=$(OUT) bash experiments/quickstart/run.sh
 
 paper-bmnist:  ## 10-class Biased MNIST, rho_data 0.3..0.999 x (steps, churn) (GPU; SMOKE=1: tiny CPU run)
 	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-bmnist/run.sh
