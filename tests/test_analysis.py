@@ -28,7 +28,6 @@ from biasamp.analysis import (
     proportion_interval,
     rho_by_attribute,
     rho_model_from_counts,
-    rogan_gladen,
     uncond_marginal,
     wilson,
 )
@@ -421,20 +420,14 @@ def test_correction_is_the_constrained_mle():
         assert np.all(np.where(p > 1e-9, np.abs(grad - 1) < 1e-6, grad <= 1 + 1e-6))
 
 
-def test_rogan_gladen_hand_values():
-    assert rogan_gladen(0.3, 0.9, 0.8) == pytest.approx(0.1 / 0.7)
-    assert rogan_gladen(0.5, 0.95, 0.95) == pytest.approx(0.5)
-    assert rogan_gladen(0.1, 0.9, 0.8) == 0.0  # (0.1 + 0.8 - 1) / 0.7 < 0
-    assert rogan_gladen(0.95, 0.9, 0.8) == 1.0  # 0.75 / 0.7 > 1
-    assert rogan_gladen(0.3, 1.0, 1.0) == pytest.approx(0.3)
-    with pytest.raises(ValueError):
-        rogan_gladen(0.3, 0.5, 0.5)
-    with pytest.raises(ValueError):
-        rogan_gladen(0.3, 0.4, 0.3)
-    # the binary MLE is Rogan-Gladen (value 0 the positive: sens = C[0, 0], spec = C[1, 1])
-    counts = np.array([[90, 10], [20, 80]])
-    p = correct_distribution([30, 70], counts)
-    assert p[0] == pytest.approx(rogan_gladen(0.3, 0.9, 0.8), abs=1e-12)
+def test_binary_correction_is_the_hand_inverse():
+    """Binary: p0 = (q0 - C[1, 0]) / (C[0, 0] - C[1, 0]) while that is in [0, 1], else clipped to it."""
+    counts = np.array([[90, 10], [20, 80]])  # C = [[0.9, 0.1], [0.2, 0.8]]
+    assert correct_distribution([30, 70], counts) == pytest.approx([0.1 / 0.7, 0.6 / 0.7], abs=1e-12)
+    assert correct_distribution([50, 50], [[95, 5], [5, 95]]) == pytest.approx([0.5, 0.5], abs=1e-12)
+    assert correct_distribution([10, 90], counts)[0] == 0.0  # (0.1 - 0.2) / 0.7 < 0
+    assert correct_distribution([95, 5], counts)[0] == 1.0  # (0.95 - 0.2) / 0.7 > 1
+    assert correct_distribution([30, 70], [[7, 0], [0, 9]]) == pytest.approx([0.3, 0.7], abs=1e-12)
 
 
 def simulated_table(rng, truths, conf, n):
@@ -481,7 +474,7 @@ def test_corrected_rho_identity_and_meta_mapping(two_class):
     ident = np.diag([100, 100])
     res = corrected_rho(two_class, ["0", "1"], ["red", "green"], "colour", ident, n_boot=1000)
     assert res["rho_corrected"] == pytest.approx(res["rho_raw"]) and res["rho_raw"] == pytest.approx(0.87)
-    assert res["n"] == 100 and res["ci_method"] == "bootstrap"
+    assert res["n"] == 100 and res["ci_method"] == "dirichlet_posterior" and res["confusion"] == "pooled"
     meta = {"colour": {"labels": ["green", "red"], "counts": [[80, 20], [10, 90]]}}
     via_meta = corrected_rho(two_class, ["0", "1"], ["red", "green"], "colour", meta, n_boot=300)
     direct = corrected_rho(two_class, ["0", "1"], ["red", "green"], "colour", [[90, 10], [20, 80]], n_boot=300)

@@ -47,6 +47,13 @@ def test_oracle_checkpoint_holds_heldout_metrics(bias_oracle):
     assert ckpt["confusion"]["colour"]["labels"] == ["red", "green"]
     assert counts.shape == (2, 2) and counts.sum() == ckpt["n_heldout"]
     assert np.trace(counts) / counts.sum() == pytest.approx(ckpt["accuracy"])
+    # the same held-out samples split by class: per class, rows are its (class, bias) groups
+    per_class = {c: np.asarray(n) for c, n in ckpt["confusion"]["colour"]["per_class"].items()}
+    assert list(per_class) == ckpt["class_names"] and sum(per_class.values()).tolist() == counts.tolist()
+    for g in ckpt["group_accuracy"]:
+        row = per_class[g["class"]][ckpt["value_names"].index(g["bias"])]
+        assert row.sum() == g["n"] and row[ckpt["value_names"].index(g["bias"])] / g["n"] == pytest.approx(
+            g["accuracy"])
     assert len(ckpt["group_accuracy"]) == 4 and sum(g["n"] for g in ckpt["group_accuracy"]) == ckpt["n_heldout"]
     assert ckpt["worst_group_accuracy"] == min(g["accuracy"] for g in ckpt["group_accuracy"])
     assert [n["sigma"] for n in ckpt["noise_accuracy"]] == [0.0, 0.05, 0.1, 0.2, 0.5]
@@ -296,6 +303,7 @@ def test_class_oracle_adds_class_fidelity_without_changing_the_bias_counts(tiny_
     meta = json.loads((fid / "meta.json").read_text())
     assert meta["class_oracle"]["class_fidelity"] == pytest.approx(k / 12)
     assert meta["class_oracle"]["confusion"] == torch.load(target, weights_only=True)["confusion"]
+    assert "per_class" not in meta["class_oracle"]["confusion"]["class"]  # the class oracle: pooled only
 
     proc = run_app("report", [f"sweep={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,7 +5,7 @@ from biasamp.analysis.correction import (
     confusion_matrix,
     correct_distribution,
     corrected_rho,
-    rogan_gladen,
+    per_class_counts_for,
 )
 from biasamp.analysis.estimates import (
     UNCOND,
@@ -39,11 +39,11 @@ __all__ = [
     "correct_distribution",
     "corrected_rho",
     "jeffreys",
+    "per_class_counts_for",
     "per_class_rho",
     "proportion_interval",
     "rho_by_attribute",
     "rho_model_from_counts",
-    "rogan_gladen",
     "uncond_marginal",
     "wilson",
 ]

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from biasamp.analysis.correction import CONFUSION_MODES
 from biasamp.analysis.intervals import METHODS
 from biasamp.analysis.plots import FIGURE_FORMATS, LINE_PLOTS, plot_count_heatmap, setting_label
 from biasamp.analysis.tables import (
@@ -48,6 +49,7 @@ class Settings:
     width_in: float
     dpi: int
     max_heatmaps: int
+    confusion: str = "auto"  # which oracle confusion corrects rho: auto | per_class | pooled (corrected_rho)
 
 
 def _int(cfg: Any, key: str, minimum: int) -> int:
@@ -71,7 +73,7 @@ def _sweeps(cfg: Any) -> list[str]:
 
 
 TOP_KEYS = ("sweep", "out_dir", "ci_method", "ci_level", "n_boot", "boot_seed", "formats", "tables",
-            "column_width_in", "dpi", "max_heatmaps")
+            "column_width_in", "dpi", "max_heatmaps", "confusion")
 
 
 def check_report_config(cfg: Any) -> Settings:
@@ -92,11 +94,14 @@ def check_report_config(cfg: Any) -> Settings:
     width = cfg.column_width_in
     if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 1.0 <= width <= 20.0:
         raise UsageError(f"column_width_in={width!r} is not allowed: a figure width in inches, 1 to 20")
+    confusion = cfg.get("confusion", "auto")
+    if not isinstance(confusion, str) or confusion not in CONFUSION_MODES:
+        raise UsageError(f"confusion={confusion!r} is not allowed: use one of {', '.join(CONFUSION_MODES)}")
     settings = dict(
         ci_method=str(cfg.ci_method), ci_level=float(level), n_boot=_int(cfg, "n_boot", 1),
         boot_seed=_int(cfg, "boot_seed", 0), formats=_choices(cfg, "formats", FIGURE_FORMATS),
         tables=_choices(cfg, "tables", TABLE_FORMATS), width_in=float(width), dpi=_int(cfg, "dpi", 50),
-        max_heatmaps=_int(cfg, "max_heatmaps", 0),
+        max_heatmaps=_int(cfg, "max_heatmaps", 0), confusion=confusion,
     )
     sweeps = expand_sweeps(_sweeps(cfg))
     out_dir = Path(str(cfg.out_dir)).expanduser() if cfg.out_dir is not None else sweeps[0] / "report"
@@ -164,6 +169,7 @@ def build_report(s: Settings) -> dict[str, Any]:
     Every file of every job is read (and checked) while the tables are built, before anything is written.
     """
     df = load_results(s.sweeps, method=s.ci_method, level=s.ci_level, n_boot=s.n_boot, seed=s.boot_seed)
+    df.attrs["confusion"] = s.confusion  # the matrices the oracle-error correction uses (both tables read it)
     results = results_table(df)
     per_class = per_class_table(df)
     s.out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +184,7 @@ def build_report(s: Settings) -> dict[str, Any]:
     atomic_write_json(s.out_dir / MANIFEST, {
         "sweeps": [str(p) for p in s.sweeps], "ci_method": s.ci_method, "ci_level": s.ci_level,
         "n_boot": s.n_boot, "boot_seed": s.boot_seed, "settings": len(df), "swept_keys": results.attrs["keys"],
-        "files": [str(p.relative_to(s.out_dir)) for p in written],
+        "confusion": s.confusion, "files": [str(p.relative_to(s.out_dir)) for p in written],
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
     return {"tables": tables, "figures": figures, "settings": len(df)}

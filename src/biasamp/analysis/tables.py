@@ -169,7 +169,8 @@ class Job:
 
     @property
     def confusion(self) -> dict[str, Any] | None:
-        """The oracle's measured confusion for the rho attribute ({labels, counts}), or None."""
+        """The oracle's measured confusion for the rho attribute, or None: ``{labels, counts}`` pooled over the
+        classes, with ``per_class`` ({class name: counts}) where the oracle stored it (corrected_rho reads both)."""
         confusion = self.meta.oracle.get("confusion")
         return confusion.get(self.attribute) if isinstance(confusion, dict) else None
 
@@ -278,13 +279,23 @@ def fixed_settings(df: pd.DataFrame, keys: Sequence[str]) -> list[tuple[str, str
 
 # ------------------------------------------------------------------------------------------- tables
 @functools.lru_cache(maxsize=256)
-def _correction(folder: str, attribute: str, level: float, n_boot: int, seed: int) -> dict[str, Any]:
-    """corrected_rho of one job folder's attribute (cached: the results and per-class tables both need it)."""
+def _correction(folder: str, attribute: str, level: float, n_boot: int, seed: int, confusion: str = "auto"
+                ) -> dict[str, Any]:
+    """corrected_rho of one job folder's attribute (cached: the results and per-class tables both need it), with
+    the job's per-class confusion matrices where its oracle stored them and ``confusion`` allows (auto,
+    per_class, pooled); the result's ``confusion`` names the one used."""
     from biasamp.analysis.correction import corrected_rho  # only needed when an oracle has a confusion matrix
 
     job = _read_job(Path(folder), attribute)
     return corrected_rho(job.counts, job.class_names, job.value_names, job.attribute, job.confusion,
-                         level=level, n_boot=n_boot, seed=seed)
+                         level=level, n_boot=n_boot, seed=seed, confusion=confusion)
+
+
+def _confusion_attrs(fits: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """The confusion modes the corrections used and auto's notes on falling back to pooled (for the caption)."""
+    done = [fit for fit in fits if fit is not None]
+    return {"confusion": sorted({fit["confusion"] for fit in done}),
+            "confusion_notes": list(dict.fromkeys(fit["confusion_note"] for fit in done if fit["confusion_note"]))}
 
 
 def _sort(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -300,16 +311,20 @@ def _caption_attrs(df: pd.DataFrame, keys: Sequence[str], kind: str, corrected: 
             "n_boot": int(df.attrs.get("n_boot", 2000)), "sweeps": sorted({Path(s).name for s in df["sweep"]})}
 
 
-def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None = None) -> pd.DataFrame:
+def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None = None,
+                  confusion: str | None = None) -> pd.DataFrame:
     """One row per (checkpoint, setting): swept keys, rho_data, rho_model, ci_low, ci_high, delta, n, n_aligned,
     n_invalid, invalid_frac, nfe, and rho_corrected with its interval when any job's oracle has a confusion
-    matrix (NaN for the jobs without one).
+    matrix (NaN for the jobs without one) and ``confusion``: the confusion it was corrected with (per_class:
+    each class its own matrix; pooled: one for all).
 
     ``df`` is load_results' frame; ``n_boot``/``seed`` (default: those given to load_results) serve the
-    correction's bootstrap. ``attrs`` carries what the writers put in the caption.
+    correction's posterior draws; ``confusion`` (auto | per_class | pooled, default df.attrs' or auto) chooses
+    its matrices (corrected_rho). ``attrs`` carries what the writers put in the caption.
     """
     n_boot = int(df.attrs.get("n_boot", 2000) if n_boot is None else n_boot)
     seed = int(df.attrs.get("seed", 0) if seed is None else seed)
+    confusion = str(df.attrs.get("confusion", "auto") if confusion is None else confusion)
     level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
     keys = [k for k in swept_keys(df) if k != "rho_data"]
     # rho_data leads when it is swept (rows are grouped by it), else it follows the swept keys
@@ -325,26 +340,31 @@ def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None 
     jobs = [load_job(row) for _, row in df.iterrows()]
     corrected = any(job.confusion is not None for job in jobs)
     if corrected:
-        fits = [_correction(str(job.folder), job.attribute, level, n_boot, seed) if job.confusion is not None else None
-                for job in jobs]
+        fits = [None if job.confusion is None else _correction(str(job.folder), job.attribute, level, n_boot, seed,
+                                                               confusion) for job in jobs]
         for column, field in (("rho_corrected", "rho_corrected"), ("rho_corrected_low", "ci_low"),
                               ("rho_corrected_high", "ci_high")):
             out[column] = [math.nan if fit is None else float(fit[field]) for fit in fits]
+        out["confusion"] = [math.nan if fit is None else fit["confusion"] for fit in fits]
     out["ci_method"], out["ci_level"] = df["ci_method"], df["ci_level"]
     out["job_dir"] = df["job_dir"]
     out["sweep"] = df["sweep"]
     out = _sort(out, keys)
     out.attrs.update(_caption_attrs(df, keys, "results", corrected))
+    out.attrs.update(_confusion_attrs(fits) if corrected else {})
     out.attrs["n_boot"] = n_boot
     out.attrs["fidelity"] = "class_fidelity" in out
     return out
 
 
-def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
+def per_class_table(df: pd.DataFrame, confusion: str | None = None) -> pd.DataFrame:
     """rho per class for every job: swept keys (rho_data first when it varies), class, class_rho_data (the
     class's own share in the training data when the dataset summary has it, else the job's rho_data), rho,
     ci_low, ci_high, n, n_aligned, and rho_corrected with its interval when any job's oracle has a
-    confusion matrix; intervals by load_results' method and level. Jobs in the results table's order."""
+    confusion matrix, with ``confusion`` (per_class | pooled, the matrix it was corrected with; chosen by
+    ``confusion`` as in results_table); intervals by load_results' method and level. Jobs in the results
+    table's order."""
+    confusion = str(df.attrs.get("confusion", "auto") if confusion is None else confusion)
     method = str(df.attrs.get("ci_method", df["ci_method"].iloc[0]))
     level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
     n_boot, seed = int(df.attrs.get("n_boot", 2000)), int(df.attrs.get("seed", 0))
@@ -353,7 +373,7 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = list(_sort(df, keys).iterrows())
     jobs = [load_job(row) for _, row in rows]
     corrected = any(job.confusion is not None for job in jobs)
-    parts = []
+    parts, fits = [], []
     for (_, row), job in zip(rows, jobs, strict=True):
         table = per_class_rho(job.counts, job.class_names, job.value_names, job.attribute, level=level,
                               method=method, n_boot=n_boot, seed=seed)
@@ -364,11 +384,14 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
         table["class_rho_data"] = [float(own.get(c, row["rho_data"])) for c in table["class"]]
         table = table[["class", "class_rho_data", "rho", "ci_low", "ci_high", "n", "n_aligned"]]
         if corrected:
-            fit = None if job.confusion is None else _correction(str(job.folder), job.attribute, level, n_boot, seed)
+            fit = None if job.confusion is None else _correction(str(job.folder), job.attribute, level, n_boot, seed,
+                                                                 confusion)
+            fits.append(fit)
             by_class = {d["class"]: d for d in fit["per_class"]} if fit else {}
             for column, field in (("rho_corrected", "rho_corrected"), ("rho_corrected_low", "ci_low"),
                                   ("rho_corrected_high", "ci_high")):
                 table[column] = [float(by_class[c][field]) if c in by_class else math.nan for c in table["class"]]
+            table["confusion"] = math.nan if fit is None else fit["confusion"]
         for key in reversed(["rho_data", *keys] if swept_rho else keys):
             table.insert(0, key, row[key])
         table["ci_method"], table["ci_level"] = method, level
@@ -377,6 +400,7 @@ def per_class_table(df: pd.DataFrame) -> pd.DataFrame:
         parts.append(table)
     out = pd.concat(parts, ignore_index=True)
     out.attrs.update(_caption_attrs(df, keys, "per_class", corrected))
+    out.attrs.update(_confusion_attrs(fits) if corrected else {})
     return out
 
 
@@ -472,9 +496,18 @@ def _caption(table: pd.DataFrame, tex: bool) -> str:
         text += (" class fidelity: share of the class-conditional samples that the class oracle (trained with "
                  f"attribute=target) assigns to their own class, same intervals ({dash} where not measured).")
     if a.get("corrected"):
+        modes = a.get("confusion", [])
+        code = latex_escape if tex else str
+        used = {"per_class": "each class with its own confusion matrix (confusion: per_class)",
+                "pooled": "one confusion matrix pooled over the classes (confusion: pooled)"}
+        which = (used[modes[0]] if len(modes) == 1 and modes[0] in used else
+                 "with the matrix the confusion column names (per_class: each class its own; pooled: one for all)")
         text += (f" {LABELS_TEX['rho_corrected'] if tex else 'ρ_corrected'}: corrected for the oracle's "
-                 f"confusion measured on real data ({a.get('n_boot', 2000)} bootstrap resamples of both; "
-                 f"{dash} where no confusion was measured).")
+                 f"confusion measured on real data, {code(which)}; {pct}{percent} equal-tailed intervals of "
+                 f"{a.get('n_boot', 2000)} draws from the Jeffreys-Dirichlet posterior of both the sample counts "
+                 f"and the confusion counts, clipped to [0, 1] ({dash} where no confusion was measured).")
+        for note in a.get("confusion_notes", []):
+            text += f" Pooled confusion where {code(note)}."
     fixed = a.get("fixed", [])
     if fixed:
         items = [f"{_label(k, tex)} = {latex_escape(v) if tex else v}" for k, v in fixed]

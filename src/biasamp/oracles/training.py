@@ -8,6 +8,11 @@ for the class. After training it measures, on the held-out data, the confusion c
 group, the overall accuracy and the accuracy under added Gaussian noise, and writes ``oracle.ckpt`` (loadable
 with ``weights_only=True``; written atomically and fsynced) and ``metrics.json``.
 
+The confusion is stored as ``{attribute: {"labels": [...], "counts": pooled, "per_class": {class: N_c}}}``
+(rows true, columns predicted): ``counts`` pooled over the classes and, for attribute=bias, ``per_class`` the
+same held-out samples split by their class, since an oracle's errors may depend on the class (BFFHQ: old women
+are taken for men far more often than young women). attribute=target predicts the class itself: pooled only.
+
 Every setting is checked by :func:`check_config` before any work (the dataset's files aside, which only its
 builder can read); a bad one is a UsageError. A loss that becomes NaN or infinite stops training with
 :class:`OracleTrainingDiverged`.
@@ -232,6 +237,17 @@ def confusion_counts(true: np.ndarray, pred: np.ndarray, num_values: int) -> np.
     return counts
 
 
+def per_class_confusion(classes: np.ndarray, true: np.ndarray, pred: np.ndarray, class_names: list[str],
+                        num_values: int) -> dict[str, list[list[int]]]:
+    """{class name: N_c} with N_c[i, j] = held-out samples of that class with true value i predicted as j (their
+    sum is the pooled confusion). A class with no held-out sample of some true value has a row of zeros there:
+    its own confusion is unknown for that value, and the report then refuses confusion=per_class and falls back
+    to the pooled matrix under confusion=auto, saying so (biasamp.analysis.correction.select_confusion)."""
+    classes = np.asarray(classes)
+    return {name: confusion_counts(true[classes == c], pred[classes == c], num_values).tolist()
+            for c, name in enumerate(class_names)}
+
+
 # ------------------------------------------------------------------------------------------- the app
 def training_targets(cfg: DictConfig, dataset: Any) -> tuple[str, list[str], np.ndarray, np.ndarray]:
     """(attribute name, value names, targets (N,), the bias values (N,) the groups are balanced on).
@@ -295,6 +311,9 @@ def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     true = y[val].numpy()
     pred = predict(model, images[val], resolution, imagenet_norm, device).numpy()
     counts = confusion_counts(true, pred, num_values)
+    confusion = {"labels": list(value_names), "counts": counts.tolist()}
+    if cfg.attribute == "bias":
+        confusion["per_class"] = per_class_confusion(labels[val_idx], true, pred, class_names, num_values)
     correct = pred == true
     accuracy = float(correct.mean())
     groups = []
@@ -325,7 +344,7 @@ def train_oracle(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "class_names": class_names,
         "bias_names": bias_names,
         "img_resolution": resolution,
-        "confusion": {attribute: {"labels": list(value_names), "counts": counts.tolist()}},
+        "confusion": {attribute: confusion},
         "accuracy": accuracy,
         "worst_group_accuracy": worst,
         "group_accuracy": groups,
