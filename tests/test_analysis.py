@@ -16,7 +16,6 @@ from scipy import optimize, stats
 from biasamp.analysis import (
     METHODS,
     RhoEstimate,
-    amplification,
     bootstrap_interval,
     clopper_pearson,
     confusion_counts_for,
@@ -26,7 +25,6 @@ from biasamp.analysis import (
     jeffreys,
     per_class_rho,
     proportion_interval,
-    rho_by_attribute,
     rho_model_from_counts,
     uncond_marginal,
     wilson,
@@ -273,14 +271,6 @@ def test_per_class_and_uncond(two_class):
     assert empty.empty and list(empty.columns) == ["value", "count", "fraction", "ci_low", "ci_high"]
 
 
-def test_amplification(two_class):
-    est = rho_model_from_counts(two_class, ["0", "1"], ["red", "green"], "colour")
-    delta, low, high = amplification(est, 0.9)
-    assert delta == pytest.approx(-0.03)
-    assert (low, high) == pytest.approx((est.ci_low - 0.9, est.ci_high - 0.9))
-    assert low < delta < high
-
-
 def test_three_classes_read_back_from_csv():
     m = [[50, 5, 5], [10, 30, 0], [0, 0, 0]]
     records = {}
@@ -322,13 +312,12 @@ def test_multi_attribute_sums_the_other_out():
         records[(*key, False)] = 0
     table = tidy(records, ["left", "right"])
     values = {"left": ["red", "green"], "right": ["red", "green"]}
-    by = rho_by_attribute(table, ["0", "1"], values)
-    assert set(by) == {"left", "right"}
+    by = {a: rho_model_from_counts(table, ["0", "1"], v, a) for a, v in values.items()}
     assert (by["left"].n, by["left"].n_aligned, by["left"].rho_model) == (100, 80, 0.8)
     assert (by["right"].n, by["right"].n_aligned, by["right"].rho_model) == (100, 79, 0.79)
     assert (by["right"].ci_low, by["right"].ci_high) == pytest.approx(clopper_pearson(79, 100))
-    by_w = rho_by_attribute(table, ["0", "1"], values, level=0.9, method="wilson")
-    assert (by_w["left"].ci_low, by_w["left"].ci_high) == pytest.approx(wilson(80, 100, 0.9))
+    by_w = rho_model_from_counts(table, ["0", "1"], values["left"], "left", level=0.9, method="wilson")
+    assert (by_w.ci_low, by_w.ci_high) == pytest.approx(wilson(80, 100, 0.9))
     assert uncond_marginal(table, ["red", "green"], "right")["count"].tolist() == [8, 2]
     assert per_class_rho(table, ["0", "1"], ["red", "green"], "right")["n_aligned"].tolist() == [35, 44]
 

@@ -76,7 +76,8 @@ def write_sweep(root: Path, rho: float, confusion: dict | None = None, train_see
                    "n_skipped_steps": 0}
         nfe = (2 * steps - 1) * (2 if w else 1)
         write_meta(job, JobMeta(
-            run=run, rho_data=rho, class_names=CLASSES, rows=[{"name": r} for r in rows], dataset={"name": "biased_mnist", "rho": rho},
+            run=run, rho_data=rho, class_names=CLASSES, rows=[{"name": r} for r in rows],
+            dataset={"name": "biased_mnist", "rho": rho},
             dataset_summary={"class_names": CLASSES, "rho_per_class": [rho, rho - 0.01]},
             sampler=sampler, guidance=float(w), guidance_uncond="null", seed=0, n_per_class=N_PER_CLASS,
             nfe_per_image=nfe, oracle=oracle_entry({"name": "colour"}, ["colour"], [COLOURS], confusion)))
@@ -376,3 +377,14 @@ def test_report_modules_do_not_import_torch():
     code = ("import sys, biasamp.analysis.tables, biasamp.analysis.reporting; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_results_table_carries_delta_interval_and_valid_share(sweeps):
+    df = tables.load_results(sweeps[0])
+    table = tables.results_table(df)
+    row = table[(table["sampler.num_steps"] == 6) & (table["guidance"] == 3)].iloc[0]
+    low, high = _ci(58, 100)
+    assert (row["delta_low"], row["delta_high"]) == (pytest.approx(low - 0.9), pytest.approx(high - 0.9))
+    assert row["rho_model_valid"] == pytest.approx(58 / 88)  # 12 invalid samples left out
+    md = tables.to_markdown(table)
+    assert "delta_low" not in md and "ρ_data: the mean over the counted classes" in md

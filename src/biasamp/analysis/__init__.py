@@ -10,10 +10,8 @@ from biasamp.analysis.correction import (
 from biasamp.analysis.estimates import (
     UNCOND,
     RhoEstimate,
-    amplification,
     class_value_matrix,
     per_class_rho,
-    rho_by_attribute,
     rho_model_from_counts,
     uncond_marginal,
 )
@@ -30,7 +28,6 @@ __all__ = [
     "METHODS",
     "UNCOND",
     "RhoEstimate",
-    "amplification",
     "bootstrap_interval",
     "class_value_matrix",
     "clopper_pearson",
@@ -42,7 +39,6 @@ __all__ = [
     "per_class_counts_for",
     "per_class_rho",
     "proportion_interval",
-    "rho_by_attribute",
     "rho_model_from_counts",
     "uncond_marginal",
     "wilson",

@@ -12,7 +12,7 @@ same numbers as the table that was written.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,22 +156,3 @@ def uncond_marginal(counts: pd.DataFrame, value_names: Sequence[str], attribute:
         records.append({"value": str(name), "count": int(c), "fraction": int(c) / total if total else math.nan,
                         "ci_low": low, "ci_high": high})
     return pd.DataFrame.from_records(records, columns=columns)
-
-
-def rho_by_attribute(counts: pd.DataFrame, class_names: Sequence[str], value_names: Mapping[str, Sequence[str]],
-                     level: float = 0.95, method: str = "clopper_pearson", valid_only: bool = False,
-                     n_boot: int = 2000, seed: int = 0) -> dict[str, RhoEstimate]:
-    """One RhoEstimate per attribute of ``value_names`` (attribute -> its value names), others summed out."""
-    return {attribute: rho_model_from_counts(counts, class_names, values, attribute, level=level,
-                                             valid_only=valid_only, method=method, n_boot=n_boot, seed=seed)
-            for attribute, values in value_names.items()}
-
-
-def amplification(est: RhoEstimate, rho_data: float) -> tuple[float, float, float]:
-    """(delta, low, high): delta = rho_model - rho_data and the rho_model interval shifted by -rho_data.
-
-    rho_data is the training set's exact effective fraction (a constant, not an estimate), so it adds no
-    uncertainty.
-    """
-    rho_data = float(rho_data)
-    return est.rho_model - rho_data, est.ci_low - rho_data, est.ci_high - rho_data

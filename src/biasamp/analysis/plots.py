@@ -119,6 +119,9 @@ def _save(fig: Figure, stem: Path, formats: Sequence[str], dpi: int) -> list[Pat
 def _ci_note(df: pd.DataFrame) -> str:
     level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0] if "ci_level" in df else 0.95))
     method = str(df.attrs.get("ci_method", df["ci_method"].iloc[0] if "ci_method" in df else ""))
+    if df.attrs.get("seed_aggregate"):  # analysis.seeds.plot_frame: replicated settings drawn as their mean
+        return (f"{100 * level:g}% CI (mean over training seeds: between-model + sampling; "
+                f"single models: {METHOD_NAMES.get(method, method)})")
     return f"{100 * level:g}% CI ({METHOD_NAMES.get(method, method)})"
 
 
@@ -185,8 +188,8 @@ def _line_figure(data: pd.DataFrame, x: str, line_keys: list[str], *, xlabel: st
         dodge = offset_copy(ax.transData, fig=fig, x=DODGE_PT * (i - (len(groups) - 1) / 2), y=0.0, units="points")
         (line,) = ax.plot(xs, ys, color=colour, marker=marker, ls=ls, label=setting_label(group, line_keys),
                           zorder=3, transform=dodge)
-        if len(g) > 1:
-            ax.fill_between(xs, lo, hi, color=colour, alpha=band_alpha, lw=0, zorder=2)
+        if len(g) > 1:  # the band moves with its line
+            ax.fill_between(xs, lo, hi, color=colour, alpha=band_alpha, lw=0, zorder=2, transform=dodge)
         else:
             ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], fmt="none", ecolor=colour, elinewidth=0.8, capsize=2,
                         zorder=2, transform=dodge)

@@ -40,15 +40,15 @@ from biasamp.counting.state import STATE_NAME, read_state
 from biasamp.errors import UsageError
 
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
-KEY_ORDER = ("rho_data", "run", "checkpoint", "dataset", "attribute", "sampler.name", "sampler.solver",
-             "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
-KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "precision", "seed",
-                  "n_per_class", "sweep")
+KEY_ORDER = ("rho_data", "train_seed", "run", "train_config", "checkpoint", "dataset", "attribute", "sampler.name",
+             "sampler.solver", "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
+KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "oracle_options", "class_oracle",
+                  "precision", "seed", "n_per_class", "sweep")
 # never shown in a caption: long paths that the run name already stands for
-NOT_NOTED = ("checkpoint", "sweep")
+NOT_NOTED = ("checkpoint", "sweep", "train_config")
 TABLE_FORMATS = ("csv", "md", "tex")
 METHOD_NAMES = {"clopper_pearson": "Clopper–Pearson", "wilson": "Wilson", "jeffreys": "Jeffreys",
-                "bootstrap": "percentile-bootstrap"}
+                "bootstrap": "percentile-bootstrap", "t_seeds": "t over training seeds ∪ pooled Clopper–Pearson"}
 
 LABELS_MD = {"rho_data": "ρ_data", "sampler.name": "sampler", "sampler.solver": "solver",
              "sampler.num_steps": "steps", "sampler.s_churn": "S_churn", "sampler.s_min": "S_min",
@@ -58,7 +58,9 @@ LABELS_MD = {"rho_data": "ρ_data", "sampler.name": "sampler", "sampler.solver":
              "class_rho_data": "ρ_data (class)",
              "rho_model": "ρ_model", "rho": "ρ", "rho_corrected": "ρ_corrected", "delta": "Δ", "n": "n",
              "invalid_frac": "invalid", "nfe": "NFE", "class": "class", "class_fidelity": "class fidelity",
-             "class_oracle": "class oracle"}
+             "class_oracle": "class oracle", "oracle_options": "oracle options", "train_seed": "training seed",
+             "train_config": "training config", "train_seeds": "training seeds", "n_seeds": "seeds",
+             "between_sd": "between-seed SD", "per_seed": "ρ_model per seed", "rho_model_valid": "ρ_model (valid)"}
 LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\mathrm{data}$ (class)",
               "sampler.s_churn": r"$S_\mathrm{churn}$",
               "sampler.s_min": r"$S_\mathrm{min}$", "sampler.s_max": r"$S_\mathrm{max}$",
@@ -66,13 +68,15 @@ LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\ma
               "sampler.rho": r"$\rho_\mathrm{sched}$",
               "sampler.sigma_min": r"$\sigma_\mathrm{min}$", "sampler.sigma_max": r"$\sigma_\mathrm{max}$",
               "guidance": r"$w$", "rho_model": r"$\rho_\mathrm{model}$", "rho": r"$\rho$",
-              "rho_corrected": r"$\rho_\mathrm{corrected}$", "delta": r"$\Delta$", "n": r"$n$"}
+              "rho_corrected": r"$\rho_\mathrm{corrected}$", "delta": r"$\Delta$", "n": r"$n$",
+              "per_seed": r"$\rho_\mathrm{model}$ per seed", "rho_model_valid": r"$\rho_\mathrm{model}$ (valid)"}
 # a point estimate and the columns of its interval
 INTERVALS = {"rho_model": ("ci_low", "ci_high"), "rho": ("ci_low", "ci_high"),
              "rho_corrected": ("rho_corrected_low", "rho_corrected_high"),
              "class_fidelity": ("class_fidelity_low", "class_fidelity_high")}
 # kept in the CSV, left out of Markdown/LaTeX
-HIDDEN_IN_TEXT = ("n_aligned", "n_invalid", "ci_method", "ci_level", "sweep", "job_dir")
+HIDDEN_IN_TEXT = ("n_aligned", "n_invalid", "ci_method", "ci_level", "sweep", "job_dir", "delta_low", "delta_high",
+                  "rho_model_valid", "rho_min", "rho_max")
 MISSING_MD, MISSING_TEX = "–", "--"
 
 
@@ -136,6 +140,8 @@ def load_results(sweep_dirs: str | Path | Iterable[str | Path], method: str = "c
     df["ci_method"] = method
     df["ci_level"] = level
     df["delta"] = df["rho_model"] - df["rho_data"].astype(float)
+    df["delta_low"] = df["ci_low"] - df["rho_data"].astype(float)  # rho_data is exact: the interval shifts
+    df["delta_high"] = df["ci_high"] - df["rho_data"].astype(float)
     if "class_fidelity_k" in df:  # jobs counted with a class oracle: the same interval method for fidelity
         for i, (k, n) in enumerate(zip(df["class_fidelity_k"], df["class_fidelity_n"], strict=True)):
             if pd.notna(k) and pd.notna(n) and n > 0:
@@ -313,10 +319,11 @@ def _caption_attrs(df: pd.DataFrame, keys: Sequence[str], kind: str, corrected: 
 
 def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None = None,
                   confusion: str | None = None) -> pd.DataFrame:
-    """One row per (checkpoint, setting): swept keys, rho_data, rho_model, ci_low, ci_high, delta, n, n_aligned,
-    n_invalid, invalid_frac, nfe, and rho_corrected with its interval when any job's oracle has a confusion
-    matrix (NaN for the jobs without one) and ``confusion``: the confusion it was corrected with (per_class:
-    each class its own matrix; pooled: one for all).
+    """One row per (checkpoint, setting): swept keys, rho_data, rho_model, ci_low, ci_high, delta with its interval
+    (delta_low, delta_high: rho_model's shifted by the exact rho_data), n, n_aligned, n_invalid, invalid_frac,
+    rho_model_valid (among the samples the oracle could classify), nfe, and rho_corrected with its interval when
+    any job's oracle has a confusion matrix (NaN for the jobs without one) and ``confusion``: the confusion it
+    was corrected with (per_class: each class its own matrix; pooled: one for all).
 
     ``df`` is load_results' frame; ``n_boot``/``seed`` (default: those given to load_results) serve the
     correction's posterior draws; ``confusion`` (auto | per_class | pooled, default df.attrs' or auto) chooses
@@ -329,10 +336,11 @@ def results_table(df: pd.DataFrame, n_boot: int | None = None, seed: int | None 
     keys = [k for k in swept_keys(df) if k != "rho_data"]
     # rho_data leads when it is swept (rows are grouped by it), else it follows the swept keys
     lead = ["rho_data", *keys] if _distinct(df["rho_data"]) > 1 else [*keys, "rho_data"]
-    out = df[[*lead, "rho_model", "ci_low", "ci_high", "delta", "n", "n_aligned"]].copy()
+    out = df[[*lead, "rho_model", "ci_low", "ci_high", "delta", "delta_low", "delta_high", "n", "n_aligned"]].copy()
     n_invalid = df["n_invalid"] if "n_invalid" in df else pd.Series(np.nan, index=df.index)
     out["n_invalid"] = n_invalid
     out["invalid_frac"] = [i / n if n else math.nan for i, n in zip(n_invalid, df["n"], strict=True)]
+    out["rho_model_valid"] = df["rho_model_valid"] if "rho_model_valid" in df else np.nan
     out["nfe"] = df["nfe"] if "nfe" in df else np.nan
     if "class_fidelity" in df:  # jobs counted with a class oracle (Clopper-Pearson, as the count app wrote it)
         for column in ("class_fidelity", "class_fidelity_low", "class_fidelity_high"):
@@ -404,6 +412,56 @@ def per_class_table(df: pd.DataFrame, confusion: str | None = None) -> pd.DataFr
     return out
 
 
+def seeds_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting counted on models that differ only by their training seed (analysis.seeds): the
+    swept keys of those rows, rho_data, rho_model (mean over seeds) with its seed-aggregate interval, delta with
+    its interval, between_sd, per_seed, n_seeds, train_seeds, n. Empty when nothing is replicated."""
+    from biasamp.analysis.seeds import seed_table
+
+    agg = seed_table(df)
+    if agg.empty:
+        return agg
+    keys = [k for k in swept_keys(agg) if k != "rho_data"]
+    lead = ["rho_data", *keys] if _distinct(agg["rho_data"]) > 1 else [*keys, "rho_data"]
+    cols = [*lead, "rho_model", "ci_low", "ci_high", "delta", "delta_low", "delta_high", "between_sd", "per_seed",
+            "rho_min", "rho_max", "n_seeds", "train_seeds", "n", "n_aligned", "ci_method", "ci_level", "job_dir",
+            "sweep"]
+    out = _sort(agg[list(dict.fromkeys(cols))].copy(), keys)
+    out.attrs.update(_caption_attrs(agg, keys, "seeds", False))
+    return out
+
+
+def uncond_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The distribution of the bias attribute over the unconditional samples of every job that has them (class
+    ``uncond``, counted with include_uncond=true): swept keys, value, count, fraction with its interval. Empty
+    when no job sampled the unconditional model."""
+    from biasamp.analysis.estimates import uncond_marginal
+
+    method = str(df.attrs.get("ci_method", df["ci_method"].iloc[0]))
+    level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
+    n_boot, seed = int(df.attrs.get("n_boot", 2000)), int(df.attrs.get("seed", 0))
+    keys = [k for k in swept_keys(df) if k != "rho_data"]
+    swept_rho = _distinct(df["rho_data"]) > 1
+    parts = []
+    for _, row in _sort(df, keys).iterrows():
+        job = load_job(row)
+        table = uncond_marginal(job.counts, job.value_names, job.attribute, level=level, method=method,
+                                n_boot=n_boot, seed=seed)
+        if table.empty:
+            continue
+        table = table.rename(columns={"fraction": "rho"})  # the share of each value (its interval beside it)
+        for key in reversed(["rho_data", *keys] if swept_rho else keys):
+            table.insert(0, key, row[key])
+        table["ci_method"], table["ci_level"] = method, level
+        table["job_dir"], table["sweep"] = row["job_dir"], row["sweep"]
+        parts.append(table)
+    if not parts:
+        return pd.DataFrame()
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs.update(_caption_attrs(df, keys, "uncond", False))
+    return out
+
+
 # ------------------------------------------------------------------------------------------- formatting
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float | np.floating) and math.isnan(value))
@@ -443,7 +501,8 @@ def _columns(table: pd.DataFrame) -> list[Column]:
     hidden = set(HIDDEN_IN_TEXT) | {c for pair in INTERVALS.values() for c in pair}
     special = {"delta": _number_cell("delta", "+.3f"), "rho_data": _number_cell("rho_data", ".3f"),
                "class_rho_data": _number_cell("class_rho_data", ".3f"),
-               "invalid_frac": _number_cell("invalid_frac", ".1f", 100.0, "%")}
+               "invalid_frac": _number_cell("invalid_frac", ".1f", 100.0, "%"),
+               "between_sd": _number_cell("between_sd", ".3f")}
     columns = []
     for c in table.columns:
         if c in hidden:
@@ -481,15 +540,34 @@ def _caption(table: pd.DataFrame, tex: bool) -> str:
     rho_data = LABELS_TEX["rho_data"] if tex else "ρ_data"
     percent = r"\%" if tex else "%"
     dash = "--" if tex else "–"
+    minus = "$-$" if tex else "−"
+    delta = LABELS_TEX["delta"] if tex else "Δ"
+    same_weight = (f"{rho_data}: the mean over the counted classes of each class's bias-aligned share in the "
+                   f"training data, as {rho_model} weighs every class equally (n per class)")
+    if a.get("kind") == "seeds":
+        text = (f"{rho_model} over models that differ only by their training seed: the mean of the models' "
+                f"{rho_model} with a {pct}{percent} interval that covers both the between-model and the sampling "
+                f"variation (the hull of the t-interval over seeds and the Clopper{dash}Pearson interval of the "
+                f"pooled counts); between-seed SD: the standard deviation of the per-seed {rho_model} (each "
+                f"model's own interval is in the results table); {delta} = mean {rho_model} {minus} {rho_data}; "
+                f"{same_weight}; n: all samples of all seeds.")
+        fixed = a.get("fixed", [])
+        if fixed:
+            text += " Fixed: " + "; ".join(f"{_label(k, tex)} = {latex_escape(v) if tex else v}" for k, v in fixed)
+            text += "."
+        return text
+    if a.get("kind") == "uncond":
+        text = (f"Bias-attribute distribution of the unconditional samples (class uncond): each value's share (ρ) "
+                f"with {pct}{percent} {method} intervals.")
+        return text.replace("(ρ)", r"($\rho$)").replace("Clopper–Pearson", "Clopper--Pearson") if tex else text
     if a.get("kind") == "per_class":
         text = (f"Share of bias-aligned samples per class (ρ) with {pct}{percent} {method} intervals; "
                 f"{rho_data} (class): the class's bias-aligned share in the training data.")
         if tex:
             text = text.replace("(ρ)", r"($\rho$)")
     else:
-        delta = LABELS_TEX["delta"] if tex else "Δ"
         text = (f"{rho_model}: share of bias-aligned samples among all class-conditional samples, "
-                f"with {pct}{percent} {method} intervals; {delta} = {rho_model} {'$-$' if tex else '−'} {rho_data}; "
+                f"with {pct}{percent} {method} intervals; {delta} = {rho_model} {minus} {rho_data}; {same_weight}; "
                 f"n: samples counted; invalid: share the oracle could not classify (counted in {rho_model}); "
                 "NFE: denoiser evaluations per sample.")
     if a.get("fidelity"):

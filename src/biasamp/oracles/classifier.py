@@ -3,8 +3,10 @@
 It is trained by ``python -m biasamp.oracle`` on a balanced resample of real labelled data and saved as
 ``oracle.ckpt``: plain tensors, lists and dicts only, so :meth:`ClassifierOracle.from_checkpoint` loads it
 with ``torch.load(..., weights_only=True)``. The checkpoint also carries the oracle's confusion counts on
-held-out real data (``{"<attribute>": {"labels": [...], "counts": [[...]]}}``, rows true, columns predicted),
-which the count app records in meta.json so the report can correct rho_model for the oracle's errors.
+held-out real data (``{"<attribute>": {"labels": [...], "counts": [[...]], "per_class": {"<class>": [[...]]}}}``,
+rows true, columns predicted; ``counts`` pooled over the classes, ``per_class`` the same counts split by the
+held-out sample's class, for bias oracles), which the count app records in meta.json so the report can correct
+rho_model for the oracle's errors.
 
 This module is the one home of the file: :func:`save_oracle_checkpoint` writes it (atomically, fsynced) and
 :func:`load_oracle_checkpoint` reads it. A missing, corrupt or foreign file, or one holding pickled code, is a
