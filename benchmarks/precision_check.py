@@ -27,8 +27,11 @@ from pathlib import Path
 
 import pandas as pd
 
-PAIR_KEYS = ("run", "attribute", "guidance", "sampler.name", "sampler.solver", "sampler.num_steps",
-             "sampler.s_churn")
+# results.csv columns that are estimates or bookkeeping; every other column is a setting the pair shares
+NOT_SETTINGS = ("job_dir", "precision", "n", "n_aligned", "rho_model", "ci_low", "ci_high", "ci_method", "ci_level",
+                "delta", "n_invalid", "rho_model_valid", "nfe", "images_per_s", "class_fidelity", "class_fidelity_low",
+                "class_fidelity_high", "class_fidelity_n", "class_fidelity_k")
+SHOWN = ("attribute", "guidance", "sampler.name", "sampler.solver", "sampler.num_steps", "sampler.s_churn")
 
 
 def count_both(checkpoint: str, guidance: str, steps: str, n_per_class: int, accelerator: str, out_dir: Path,
@@ -47,15 +50,18 @@ def count_both(checkpoint: str, guidance: str, steps: str, n_per_class: int, acc
 def pair_up(results: pd.DataFrame) -> list[dict]:
     """One record per setting: fp32's and bf16's rho_model and intervals, and whether they agree (each estimate
     inside the other's interval)."""
-    keys = [k for k in PAIR_KEYS if k in results.columns]
+    keys = [k for k in results.columns if k not in NOT_SETTINGS]
     pairs = []
     for values, group in results.groupby(keys, dropna=False, sort=True):
+        if sorted(group["precision"].astype(str)) != ["bf16", "fp32"]:
+            raise SystemExit(f"precision_check: the setting {dict(zip(keys, values, strict=True))} has the jobs "
+                             f"{sorted(group['precision'].astype(str))}, not one fp32 and one bf16; use a fresh "
+                             "--work-dir")
         by = {str(p): row for p, row in zip(group["precision"], group.to_dict("records"), strict=True)}
-        if set(by) != {"fp32", "bf16"}:
-            continue
         a, b = by["fp32"], by["bf16"]
         agree = bool(b["ci_low"] <= a["rho_model"] <= b["ci_high"] and a["ci_low"] <= b["rho_model"] <= a["ci_high"])
-        pairs.append({**dict(zip(keys, values if isinstance(values, tuple) else (values,), strict=True)),
+        setting = dict(zip(keys, values if isinstance(values, tuple) else (values,), strict=True))
+        pairs.append({**{k: setting[k] for k in SHOWN if k in setting},
                       "n": int(a["n"]), "fp32": [a["rho_model"], a["ci_low"], a["ci_high"]],
                       "bf16": [b["rho_model"], b["ci_low"], b["ci_high"]],
                       "difference": b["rho_model"] - a["rho_model"], "agree": agree})
@@ -73,6 +79,10 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/precision-<stamp>.json)")
     parser.add_argument("extra", nargs="*", help="more count overrides, e.g. sampler=dpmpp")
     args = parser.parse_args()
+    own = ("precision", "sweep_name", "paths.output_dir")
+    fixed = [e for e in args.extra if e.split("=", 1)[0].lstrip("+~") in own]
+    if fixed:
+        parser.error(f"{fixed[0]}: the check sets precision, sweep_name and paths.output_dir itself")
 
     import torch
 
@@ -93,7 +103,7 @@ def main() -> int:
     print("| setting | n | fp32 ρ_model [95% CI] | bf16 ρ_model [95% CI] | bf16 − fp32 | agree |")
     print("|:---|---:|---:|---:|---:|:---|")
     for p in pairs:
-        setting = ", ".join(f"{k.removeprefix('sampler.')}={p[k]}" for k in PAIR_KEYS if k in p and k != "run")
+        setting = ", ".join(f"{k.removeprefix('sampler.')}={p[k]}" for k in SHOWN if k in p)
         fmt = "{:.3f} [{:.3f}, {:.3f}]"
         print(f"| {setting} | {p['n']} | {fmt.format(*p['fp32'])} | {fmt.format(*p['bf16'])} | "
               f"{p['difference']:+.3f} | {'yes' if p['agree'] else 'NO'} |")

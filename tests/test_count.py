@@ -80,7 +80,7 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
     results = pd.read_csv(job.parent / "results.csv")
     assert len(results) == 1
     assert list(results.columns) == [
-        "job_dir", "run", "checkpoint", "train_seed", "train_config", "dataset", "attribute", "rho_data",
+        "job_dir", "run", "checkpoint", "train_seed", "train_config", "n_img", "dataset", "attribute", "rho_data",
         "sampler.name", "sampler.solver",
         "sampler.num_steps", "sampler.sigma_min", "sampler.sigma_max", "sampler.rho", "sampler.s_churn",
         "sampler.s_min", "sampler.s_max", "sampler.s_noise", "sampler.n_skipped_steps", "guidance",
@@ -99,6 +99,7 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
     # what tells models and oracles apart: the training seed, the seed-free training identity, resolved options
     hp = load_checkpoint(tiny_checkpoint)["hyper_parameters"]
     assert row["train_seed"] == hp["config"]["seed"] and len(row["train_config"]) == 8
+    assert row["n_img"] == load_checkpoint(tiny_checkpoint)["n_img"]
     assert json.loads(row["oracle_options"]) == {"allowed_colours": ["red", "green"], "max_distance": 80.0,
                                                  "min_confidence": 0.2}
     assert row["precision"] == "fp32"

@@ -34,7 +34,7 @@ def test_check_pairs_fp32_and_bf16_jobs_of_each_setting(tiny_checkpoint, tmp_pat
         assert p["difference"] == pytest.approx(bf16[0] - fp32[0])
         assert p["agree"] == (bf16[1] <= fp32[0] <= bf16[2] and fp32[1] <= bf16[0] <= fp32[2])
     assert report["all_agree"] == (proc.returncode == 0) and report["torch"] and report["date"]
-    assert "| guidance=0.0" in proc.stdout or "guidance=0" in proc.stdout
+    assert "guidance=0.0, name=edm, solver=heun, num_steps=3" in proc.stdout
 
 
 @pytest.mark.gpu

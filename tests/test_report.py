@@ -78,14 +78,15 @@ def write_sweep(root: Path, rho: float, confusion: dict | None = None, train_see
         write_meta(job, JobMeta(
             run=run, rho_data=rho, class_names=CLASSES, rows=[{"name": r} for r in rows],
             dataset={"name": "biased_mnist", "rho": rho},
-            dataset_summary={"class_names": CLASSES, "rho_per_class": [rho, rho - 0.01]},
+            dataset_summary={"class_names": CLASSES, "rho_per_class": [rho + 0.01, rho - 0.01]},
             sampler=sampler, guidance=float(w), guidance_uncond="null", seed=0, n_per_class=N_PER_CLASS,
             nfe_per_image=nfe, oracle=oracle_entry({"name": "colour"}, ["colour"], [COLOURS], confusion)))
         k, n = a0 + a1, 2 * N_PER_CLASS
         ci = binomtest(k, n).proportion_ci(0.95, method="exact")
         update_results(sweep / "results.csv", [ResultsRow(
             job_dir=job.name, run=run, checkpoint=f"/ckpts/{run}.ckpt", train_seed=train_seed,
-            train_config=f"cfg{rho}", dataset="biased_mnist", attribute="colour", rho_data=rho, sampler=sampler,
+            train_config=f"cfg{rho}", n_img=1000, dataset="biased_mnist", attribute="colour", rho_data=rho,
+            sampler=sampler,
             guidance=float(w), guidance_uncond="null", guidance_interval="", oracle="colour",
             oracle_options='{"max_distance":80.0}', class_oracle="", precision="fp32", seed=0,
             n_per_class=N_PER_CLASS, n=n, n_aligned=k, rho_model=k / n, ci_low=ci.low, ci_high=ci.high,

@@ -92,6 +92,10 @@ def test_runs_that_differ_only_by_seed_share_their_training_config():
     a, b, c = seed_free_identity(meta(0)), seed_free_identity(meta(1)), seed_free_identity(meta(1, lr=1e-4))
     assert a == b == {"optimizer.lr": 1e-3, "dataset.rho": 0.9}
     assert identity_hash(a) == identity_hash(b) != identity_hash(c)
+    # a dataset seed held fixed while the training seed varies: still replicates
+    fixed = {"config": {"seed": 2},
+             "identity": {"seed": 2, "dataset.seed": 0, "optimizer.lr": 1e-3, "dataset.rho": 0.9}}
+    assert seed_free_identity(fixed) == a
 
 
 @pytest.fixture
@@ -147,6 +151,35 @@ def test_report_writes_seed_tables_and_aggregate_lines(three_seeds, tmp_path):
     frame = seeds.plot_frame(tables.load_results(three_seeds[:3]))
     assert len(frame) == 6 and frame.attrs["seed_aggregate"]
     assert (out / "rho_vs_guidance.png").is_file()
+
+
+def test_lines_follow_settings_when_seeds_were_counted_under_different_sweeps(three_seeds, tmp_path):
+    # seed 0 also under a second sampler setting that seeds 1 and 2 never saw: its single row stays a line of its
+    # own setting, and no line is drawn per training seed
+    df = tables.load_results(three_seeds[:3])
+    extra = df[(df["train_seed"] == 0) & (df["guidance"] == 0)].assign(**{"sampler.solver": "euler"})
+    extra["job_dir"] = extra["job_dir"] + "-euler"
+    frame = seeds.plot_frame(pd.concat([df, extra], ignore_index=True))
+    assert len(frame) == 6 + 2 and "train_seed" not in frame.columns and "run" not in frame.columns
+    keys = tables.swept_keys(frame, first=("guidance",))
+    assert "sampler.solver" in keys and "train_seed" not in keys
+
+
+def test_a_model_counted_twice_is_not_drawn_beside_its_aggregate(three_seeds, tmp_path):
+    again = write_sweep(tmp_path / "again", 0.9, train_seed=1, shift=(2, 1))
+    frame = seeds.plot_frame(tables.load_results([*three_seeds[:3], again]))
+    assert len(frame) == 6 and set(frame["n_seeds"]) == {3}
+
+
+def test_hash_like_training_configs_stay_text(tmp_path):
+    # 123e4567 would read as a float (inf) and 01234567 as an integer: two configs would merge, one would split
+    root = tmp_path / "runs"
+    sweeps = [write_sweep(root, 0.9, train_seed=s) for s in (0, 1)]
+    for sweep, config in zip(sweeps, ("123e4567", "456e7890"), strict=True):
+        csv = sweep / "results.csv"
+        csv.write_text(csv.read_text().replace("cfg0.9", config))
+    df = tables.load_results(sweeps)
+    assert sorted(set(df["train_config"])) == ["123e4567", "456e7890"] and seeds.seed_table(df).empty
 
 
 def test_uncond_rows_reach_the_report(tmp_path):

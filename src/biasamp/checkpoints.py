@@ -128,12 +128,11 @@ def training_seed(meta: dict[str, Any]) -> int | None:
 
 
 def seed_free_identity(meta: dict[str, Any]) -> dict[str, Any]:
-    """The run's identity without its training seed: ``seed`` and every setting that takes its value from it
-    (``dataset.seed: ${seed}``). Runs that differ only by ``seed=`` share it: they are replicates of one
-    training setting, and the report aggregates their counts over seeds."""
+    """The run's identity without its seeds: ``seed`` and every ``<group>.seed`` (``dataset.seed``, which follows
+    ``seed`` by default and seeds the data's resampling). Runs that differ only in their seeds share it: they
+    are replicates of one training setting, and the report aggregates their counts over seeds."""
     ident = dict(meta.get("identity") or {})
-    seed = ident.pop("seed", (meta.get("config") or {}).get("seed"))
-    return {k: v for k, v in ident.items() if not (k.endswith(".seed") and v == seed)}
+    return {k: v for k, v in ident.items() if k != "seed" and not k.endswith(".seed")}
 
 
 def ema_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from biasamp.analysis.correction import CONFUSION_MODES
 from biasamp.analysis.intervals import METHODS
 from biasamp.analysis.plots import FIGURE_FORMATS, LINE_PLOTS, plot_count_heatmap, setting_label
-from biasamp.analysis.seeds import plot_frame
+from biasamp.analysis.seeds import plot_frame, seed_table
 from biasamp.analysis.tables import (
     TABLE_FORMATS,
     expand_sweeps,
@@ -175,7 +175,8 @@ def build_report(s: Settings) -> dict[str, Any]:
     df.attrs["confusion"] = s.confusion  # the matrices the oracle-error correction uses (both tables read it)
     results = results_table(df)
     per_class = per_class_table(df)
-    seeds = seeds_table(df)
+    aggregate = seed_table(df)  # settings counted on models that differ only by their training seed
+    seeds = seeds_table(df, aggregate)
     uncond = uncond_table(df)
     s.out_dir.mkdir(parents=True, exist_ok=True)
     tables = write_tables(results, s.out_dir, "results", s.tables)
@@ -185,7 +186,7 @@ def build_report(s: Settings) -> dict[str, Any]:
     if not uncond.empty:  # jobs that sampled the unconditional model
         tables += write_tables(uncond, s.out_dir, "uncond", s.tables)
     figures: list[Path] = []
-    lines = plot_frame(df)  # a replicated setting is one line: its mean over seeds and the seed-aggregate band
+    lines = plot_frame(df, aggregate)  # a replicated setting is one line: its mean over seeds, the aggregate band
     for plot in LINE_PLOTS:
         figures += plot(lines, s.out_dir, formats=s.formats, width_in=s.width_in, dpi=s.dpi)
     figures += write_heatmaps(df, swept_keys(df), s.out_dir, s)

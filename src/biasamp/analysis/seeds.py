@@ -4,7 +4,8 @@ One trained model is one draw: on another machine, or with another ``seed=``, th
 whose rho_model can differ by far more than its Clopper-Pearson interval, which covers only the sampling noise
 of that one model. The count app writes, on every results.csv row, the training seed (``train_seed``) and the
 hash of the run's identity without it (``train_config``). Rows with the same ``train_config``, the same count
-setting (every other key but the run, checkpoint and n_per_class) and two or more distinct training seeds are
+setting (every other key but the run, checkpoint and n_per_class; ``n_img`` included: models trained as far) and
+two or more distinct training seeds are
 **replicates** of one setting; :func:`seed_table` turns each such group into one row:
 
 - ``rho_model``: the mean over seeds of each model's rho_model (every model weighs the same);
@@ -86,9 +87,10 @@ def _group_keys(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in REPLICATE_COLUMNS and c not in VALUE_COLUMNS]
 
 
-def _replicate_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
-    """Groups of rows with the same train_config and setting and >= 2 distinct training seeds, one row per seed
-    (the same model counted in two sweeps is one replicate, not two)."""
+def _replicate_groups(df: pd.DataFrame) -> list[tuple[pd.DataFrame, pd.Index]]:
+    """(one row per seed, every row of the group) for each group of rows with the same train_config, n_img and
+    setting and >= 2 distinct training seeds. The same model counted in two sweeps is one replicate, not two:
+    its row with the most samples is kept."""
     if "train_seed" not in df.columns or "train_config" not in df.columns:
         return []
     usable = df[df["train_seed"].notna() & df["train_config"].notna() & (df["train_config"].astype(str) != "")]
@@ -98,9 +100,10 @@ def _replicate_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
     marked = usable.assign(**{k: usable[k].astype(object).where(usable[k].notna(), "<missing>") for k in keys})
     groups = []
     for _, index in marked.groupby(keys, sort=False, dropna=False).groups.items():
-        g = usable.loc[index].drop_duplicates("train_seed")
-        if len(g) >= 2:
-            groups.append(g.sort_values("train_seed", kind="stable"))
+        rows = usable.loc[index]
+        one = rows.sort_values("n", ascending=False, kind="stable").drop_duplicates("train_seed")
+        if len(one) >= 2:
+            groups.append((one.sort_values("train_seed", kind="stable"), rows.index))
     return groups
 
 
@@ -117,12 +120,14 @@ def seed_table(df: pd.DataFrame, level: float | None = None) -> pd.DataFrame:
     when nothing is replicated."""
     level = check_level(df.attrs.get("ci_level", 0.95) if level is None else level)
     records = []
-    for g in _replicate_groups(df):
+    for g, _ in _replicate_groups(df):
         first = g.iloc[0]
         mean, sd, low, high = seed_interval(g["n_aligned"].to_list(), g["n"].to_list(), level)
         rho = (g["n_aligned"] / g["n"]).to_numpy(float)
         rho_data = float(first["rho_data"])
         record = {k: first[k] for k in _group_keys(g)}
+        if "n_per_class" in g and g["n_per_class"].nunique(dropna=False) == 1:  # a replicate column, kept if shared
+            record["n_per_class"] = first["n_per_class"]
         record.update(n_seeds=len(g), train_seeds=",".join(str(int(s)) for s in g["train_seed"]),
                       rho_model=mean, ci_low=low, ci_high=high, between_sd=sd, rho_min=float(rho.min()),
                       rho_max=float(rho.max()), per_seed=", ".join(f"{r:.3f}" for r in rho),
@@ -136,16 +141,24 @@ def seed_table(df: pd.DataFrame, level: float | None = None) -> pd.DataFrame:
     return out
 
 
-def plot_frame(df: pd.DataFrame) -> pd.DataFrame:
+def plot_frame(df: pd.DataFrame, aggregate: pd.DataFrame | None = None) -> pd.DataFrame:
     """load_results' frame with every replicated setting replaced by its seed-aggregate row (mean and interval
-    over seeds), for figures that draw one line per setting; settings counted on one model keep their row."""
+    over seeds), for figures that draw one line per setting; settings counted on one model keep their row.
+    ``aggregate``: seed_table(df) when the caller has it already.
+
+    Where every row knows its training config, the columns that tell models apart (run, checkpoint,
+    train_seed) are dropped, so lines are drawn per setting (and per train_config), never per seed.
+    """
     groups = _replicate_groups(df)
     if not groups:
         return df
-    aggregate = seed_table(df)
-    replicated = set().union(*(set(g.index) for g in groups))
+    aggregate = seed_table(df) if aggregate is None else aggregate
+    replicated = set().union(*(set(index) for _, index in groups))
     singles = df.drop(index=[i for i in df.index if i in replicated])
     out = pd.concat([aggregate, singles], ignore_index=True, sort=False)
+    known = out["train_config"].notna() & (out["train_config"].astype(str) != "")
+    if bool(known.all()):
+        out = out.drop(columns=[c for c in ("train_seed", "run", "checkpoint") if c in out.columns])
     out.attrs.update(df.attrs)
     out.attrs["seed_aggregate"] = True
     return out

@@ -45,7 +45,7 @@ KEY_ORDER = ("rho_data", "train_seed", "run", "train_config", "checkpoint", "dat
 KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "oracle_options", "class_oracle",
                   "precision", "seed", "n_per_class", "sweep")
 # never shown in a caption: long paths that the run name already stands for
-NOT_NOTED = ("checkpoint", "sweep", "train_config")
+NOT_NOTED = ("checkpoint", "sweep", "train_config", "oracle_options")  # oracle_options: long JSON, sha256s
 TABLE_FORMATS = ("csv", "md", "tex")
 METHOD_NAMES = {"clopper_pearson": "Clopper–Pearson", "wilson": "Wilson", "jeffreys": "Jeffreys",
                 "bootstrap": "percentile-bootstrap", "t_seeds": "t over training seeds ∪ pooled Clopper–Pearson"}
@@ -293,8 +293,13 @@ def _correction(folder: str, attribute: str, level: float, n_boot: int, seed: in
     from biasamp.analysis.correction import corrected_rho  # only needed when an oracle has a confusion matrix
 
     job = _read_job(Path(folder), attribute)
-    return corrected_rho(job.counts, job.class_names, job.value_names, job.attribute, job.confusion,
-                         level=level, n_boot=n_boot, seed=seed, confusion=confusion)
+    try:
+        return corrected_rho(job.counts, job.class_names, job.value_names, job.attribute, job.confusion,
+                             level=level, n_boot=n_boot, seed=seed, confusion=confusion)
+    except ValueError as err:  # a confusion in meta.json that does not fit the counts: the job's file, not a bug
+        raise UsageError(f"{Path(folder) / 'meta.json'}: the oracle's confusion cannot correct these counts "
+                         f"({err}); rerun that count job with an oracle.ckpt written by python -m biasamp.oracle"
+                         ) from None
 
 
 def _confusion_attrs(fits: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
@@ -412,13 +417,14 @@ def per_class_table(df: pd.DataFrame, confusion: str | None = None) -> pd.DataFr
     return out
 
 
-def seeds_table(df: pd.DataFrame) -> pd.DataFrame:
+def seeds_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per setting counted on models that differ only by their training seed (analysis.seeds): the
     swept keys of those rows, rho_data, rho_model (mean over seeds) with its seed-aggregate interval, delta with
-    its interval, between_sd, per_seed, n_seeds, train_seeds, n. Empty when nothing is replicated."""
+    its interval, between_sd, per_seed, n_seeds, train_seeds, n. Empty when nothing is replicated. ``agg``:
+    analysis.seeds.seed_table(df), when the caller has it already."""
     from biasamp.analysis.seeds import seed_table
 
-    agg = seed_table(df)
+    agg = seed_table(df) if agg is None else agg
     if agg.empty:
         return agg
     keys = [k for k in swept_keys(agg) if k != "rho_data"]
@@ -582,7 +588,8 @@ def _caption(table: pd.DataFrame, tex: bool) -> str:
                  "with the matrix the confusion column names (per_class: each class its own; pooled: one for all)")
         text += (f" {LABELS_TEX['rho_corrected'] if tex else 'ρ_corrected'}: corrected for the oracle's "
                  f"confusion measured on real data, {code(which)}; {pct}{percent} equal-tailed intervals of "
-                 f"{a.get('n_boot', 2000)} draws from the Jeffreys-Dirichlet posterior of both the sample counts "
+                 f"{a.get('n_boot', 2000)} draws from the Dirichlet posterior (prior 1/V per cell: Jeffreys for "
+                 "a binary bias) of both the sample counts "
                  f"and the confusion counts, clipped to [0, 1] ({dash} where no confusion was measured).")
         for note in a.get("confusion_notes", []):
             text += f" Pooled confusion where {code(note)}."

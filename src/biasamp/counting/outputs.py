@@ -176,7 +176,7 @@ def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path,
     write_meta(job_dir, meta)
     update_results(sweep_dir / RESULTS_NAME, [ResultsRow(
         job_dir=job_dir.name, run=plan.run, checkpoint=str(plan.checkpoint), train_seed=training_seed(plan.meta),
-        train_config=train_config(plan), dataset=meta.dataset["name"],
+        train_config=train_config(plan), n_img=int(plan.meta["n_img"]), dataset=meta.dataset["name"],
         attribute=a, rho_data=rho_data[a], sampler=s.sampler, guidance=s.guidance, guidance_uncond=s.guidance_uncond,
         guidance_interval=json.dumps(interval) if interval else "", oracle=s.oracle["name"],
         oracle_options=oracle_options(plan), class_oracle=_oracle_name(s.class_oracle) if s.class_oracle else "",

@@ -33,6 +33,9 @@ ALLOW = ("checkpoint", "sweep_name", "n_per_class", "batch_size", "fabric", "com
          "channels_last", "progress", "save_grid", "grid_per_class", "export_matrix", "ci_level", "allow_unfinished",
          "oracle.checkpoint", "class_oracle")
 UNCOND = "uncond"
+# DPM-Solver++(3M) as the references write it and EDM churn with skipped steps over the steps taken (2026-12):
+# jobs of those settings carry this key in their identity, so a job folder counted before is not continued
+SAMPLER_FORMULA = "2026-12"
 
 
 @functools.lru_cache(maxsize=16)
@@ -73,7 +76,7 @@ def data_rho(meta: Mapping[str, Any], attribute: str, n_attributes: int,
         own = dict(zip(names, (float(r) for r in per_class), strict=True))
         wanted = [str(c) for c in classes] if classes is not None else names
         if all(c in own for c in wanted) and wanted:
-            return float(sum(own[c] for c in wanted) / len(wanted))
+            return math.fsum(own[c] for c in wanted) / len(wanted)  # fsum: 10 x 0.9 averages to 0.9
     if attribute in by_attribute:
         return float(by_attribute[attribute])
     return float(meta["rho_data"])
@@ -149,6 +152,10 @@ def plan_job(settings: CountSettings) -> Plan:
         "class_oracle_sha256": sha256_file(settings.class_oracle) if settings.class_oracle else None,
         "precision": settings.precision, "classes": [r.name for r in rows if r.class_index is not None],
     }
+    revised = (sampler["name"] == "dpmpp" and sampler.get("order") == 3) or (
+        sampler["name"] == "edm" and sampler.get("s_churn", 0) > 0 and sampler.get("n_skipped_steps", 0) > 0)
+    if revised:  # these samplers' formulas changed (reference 3M; churn over N - n): never continue an older job
+        resolved["sampler_formula"] = SAMPLER_FORMULA
     ident = _json_ready(identity(resolved, ALLOW))
     name = job_folder_name(sampler, settings.guidance, settings.precision, settings.class_oracle is not None, ident)
     return Plan(settings=settings, checkpoint=checkpoint, checkpoint_sha256=sha, run=sweep_name(checkpoint),

@@ -1,14 +1,14 @@
 """``results.csv`` of a sweep folder: one row per (checkpoint, setting, bias attribute); its one writer and reader.
 
-Columns, in this order (``results_columns``): ``HEAD_COLUMNS``, then one ``sampler.<key>`` column per
-parameter of the sampler family, then ``SETTING_COLUMNS``, ``ESTIMATE_COLUMNS``, the class-fidelity columns
-(``FIDELITY_COLUMNS``, only for jobs counted with a class oracle) and ``SPEED_COLUMNS``. An ``attribute``
-column names the bias attribute (Multi-Color MNIST has ``left`` and ``right``); ``train_seed`` and
-``train_config`` (the hash of the training run's identity without its seed) let the report find models that
-differ only by training seed; ``rho_data`` is the class mean of the counted classes' training shares (as
-rho_model weights classes equally); ``precision`` is the resolved one (fp32 | bf16). The file is updated under a
-file lock and a job's rows are replaced, never duplicated, when the job is written again. Only empty cells
-are missing values: ``null`` (guidance_uncond) stays a string. Torch-free: the report reads it.
+Columns, in this order (``results_columns``): ``HEAD_COLUMNS``, then one ``sampler.<key>`` column per parameter of
+the sampler family, then ``SETTING_COLUMNS``, ``ESTIMATE_COLUMNS``, the class-fidelity columns
+(``FIDELITY_COLUMNS``, only for jobs counted with a class oracle) and ``SPEED_COLUMNS``. An ``attribute`` column
+names the bias attribute (Multi-Color MNIST has ``left`` and ``right``); ``train_seed`` and ``train_config`` (the
+hash of the training run's identity without its seeds) and ``n_img`` (how far the checkpoint was trained) let the
+report find models that differ only by training seed; ``rho_data`` is the class mean of the counted classes'
+training shares (as rho_model weighs classes equally); ``precision`` is the resolved one (fp32 | bf16). The file is
+updated under a file lock and a job's rows are replaced, never duplicated, when the job is written again. Only empty
+cells are missing values: ``null`` (guidance_uncond) stays a string. Torch-free: the report reads it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from biasamp.atomic import atomic_write_text
 from biasamp.errors import UsageError
 
 RESULTS_NAME = "results.csv"
-HEAD_COLUMNS = ("job_dir", "run", "checkpoint", "train_seed", "train_config", "dataset", "attribute", "rho_data")
+HEAD_COLUMNS = ("job_dir", "run", "checkpoint", "train_seed", "train_config", "n_img", "dataset", "attribute",
+                "rho_data")
 SAMPLER_PREFIX = "sampler."
 SETTING_COLUMNS = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "oracle_options", "class_oracle",
                    "precision", "seed", "n_per_class")
@@ -48,7 +49,8 @@ class ResultsRow:
     run: str
     checkpoint: str
     train_seed: int | None  # the seed the checkpoint's run was trained with
-    train_config: str  # hash of the run's identity without its seed ("" when the checkpoint has no identity)
+    train_config: str  # hash of the run's identity without its seeds ("" when the checkpoint has no identity)
+    n_img: int  # training images the checkpoint has seen (replicates are models trained as far)
     dataset: str
     attribute: str
     rho_data: float
@@ -96,9 +98,15 @@ def results_columns(columns: Iterable[str]) -> list[str]:
     return [c for c in declared if c in columns] + [c for c in columns if c not in declared]
 
 
+# columns read as text whatever they look like: an 8-hex hash such as 123e4567 or 01234567 is not a number
+TEXT_COLUMNS = ("job_dir", "run", "checkpoint", "train_config", "dataset", "attribute", "guidance_uncond",
+                "guidance_interval", "oracle", "oracle_options", "class_oracle", "precision", "ci_method")
+
+
 def read_results_csv(path: str | Path) -> pd.DataFrame:
-    """results.csv as written (no checks): only empty cells are missing ("null" stays a string)."""
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    """results.csv as written (no checks): only empty cells are missing ("null" stays a string); the
+    TEXT_COLUMNS stay text."""
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={c: str for c in TEXT_COLUMNS})
 
 
 def update_results(results_csv: Path, rows: Sequence[ResultsRow | Mapping[str, Any]], key: str = "job_dir") -> None:
