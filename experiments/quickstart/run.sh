@@ -18,11 +18,21 @@ fi
 SWEEP=(sampler=edm,dpmpp sampler.num_steps=6,18 guidance=0,1,3 n_per_class=100)
 SWEEP_SEEDS=(sampler=edm sampler.num_steps=6,18 guidance=0,1,3 n_per_class=100)
 
+took() {  # took <step> <start seconds>: one line with the step's wall time
+    local s=$((SECONDS - $2))
+    echo "quickstart: $1 took $((s / 60)) min $((s % 60)) s"
+}
+
 if [ "$SEEDS" = 1 ]; then
+    t=$SECONDS
     "$PY" -m biasamp.train experiment=quickstart resume=auto paths.output_dir="$OUT"
+    took train $t; t=$SECONDS
     "$PY" -m biasamp.count -m checkpoint="$OUT/train/quickstart_rho0.9_seed0" sweep_name=quickstart \
         paths.output_dir="$OUT" "${SWEEP[@]}"
+    took count $t; t=$SECONDS
     "$PY" -m biasamp.report sweep="$OUT/count/quickstart"
+    took report $t
+    took "the quick start" 0
     exit 0
 fi
 
@@ -46,8 +56,13 @@ run_seeds() {  # run_seeds <what> <command ...>: the command once per seed (SEED
     [ "$rc" = 0 ] && echo "quickstart: $what done for seeds 0..$((SEEDS - 1)) (logs in $OUT/logs/)"
     return $rc
 }
+t=$SECONDS
 run_seeds train "\"$PY\" -m biasamp.train experiment=quickstart seed=\$SEED threads=1 resume=auto \
     paths.output_dir=\"$OUT\" trainer.enable_progress_bar=false"
+took train $t; t=$SECONDS
 run_seeds count "\"$PY\" -m biasamp.count -m checkpoint=\"$OUT/train/quickstart_rho0.9_seed\$SEED\" \
     sweep_name=quickstart-seeds paths.output_dir=\"$OUT\" progress=false ${SWEEP_SEEDS[*]}"
+took count $t; t=$SECONDS
 "$PY" -m biasamp.report sweep="$OUT/count/quickstart-seeds"
+took report $t
+took "the quick start over $SEEDS seeds" 0
