@@ -389,3 +389,16 @@ def test_results_table_carries_delta_interval_and_valid_share(sweeps):
     assert row["rho_model_valid"] == pytest.approx(58 / 88)  # 12 invalid samples left out
     md = tables.to_markdown(table)
     assert "delta_low" not in md and "ρ_data: the mean over the counted classes" in md
+
+
+def test_bands_move_with_their_lines_and_stay_inside_the_axes(sweeps):
+    df = tables.load_results(sweeps[0])
+    fig = plots._line_figure(df, "guidance", ["sampler.num_steps"], xlabel="w", xscale="symlog",
+                             reference="rho_data", ci_note="95% CI", width_in=3.4, title=None)
+    ax = fig.axes[0]
+    y_lo, y_hi = ax.get_ylim()
+    assert y_lo <= df["ci_low"].min() and y_hi >= min(df["ci_high"].max(), 1.0)  # every band fits
+    lines, bands = ax.get_lines()[:2], ax.collections[:2]
+    for line, band in zip(lines, bands, strict=True):  # each band has its line's sideways shift
+        assert band.get_transform() == line.get_transform()
+    assert lines[0].get_transform() != lines[1].get_transform()

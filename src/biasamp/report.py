@@ -5,6 +5,9 @@ every interval with the configured method and level, and writes into ``out_dir``
 ``<first sweep>/report``):
 
 - ``results.{csv,md,tex}``: one row per (checkpoint, setting); ``per_class.{csv,md,tex}``: rho per class;
+  ``seeds.{csv,md,tex}`` when settings were counted on models that differ only by their training seed (mean
+  over seeds, between-seed SD, an interval with both sources of variation); ``uncond.{csv,md,tex}`` when jobs
+  sampled the unconditional model;
 - ``rho_vs_rho_data``, ``rho_vs_steps``, ``rho_vs_churn``, ``rho_vs_guidance`` (``.png``, ``.pdf``): each only
   when its key varies;
 - ``heatmaps/<job>_<attribute>``: class x bias-value counts for at most ``max_heatmaps`` jobs (largest |delta|);

@@ -188,8 +188,9 @@ def _line_figure(data: pd.DataFrame, x: str, line_keys: list[str], *, xlabel: st
         dodge = offset_copy(ax.transData, fig=fig, x=DODGE_PT * (i - (len(groups) - 1) / 2), y=0.0, units="points")
         (line,) = ax.plot(xs, ys, color=colour, marker=marker, ls=ls, label=setting_label(group, line_keys),
                           zorder=3, transform=dodge)
-        if len(g) > 1:  # the band moves with its line
-            ax.fill_between(xs, lo, hi, color=colour, alpha=band_alpha, lw=0, zorder=2, transform=dodge)
+        if len(g) > 1:  # the band moves with its line (drawn in data space first, so that it sets the limits)
+            band = ax.fill_between(xs, lo, hi, color=colour, alpha=band_alpha, lw=0, zorder=2)
+            band.set_transform(dodge)
         else:
             ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], fmt="none", ecolor=colour, elinewidth=0.8, capsize=2,
                         zorder=2, transform=dodge)

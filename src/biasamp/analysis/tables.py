@@ -10,7 +10,9 @@ level, finds the keys that were swept, and writes:
 - the results table: swept keys, rho_data, rho_model with its interval, delta = rho_model - rho_data, n, the
   share of samples the oracle could not classify, NFE per sample, and the rho_model corrected for the oracle's
   measured confusion where a job's oracle has one;
-- the per-class table: rho per class (its own interval) for every job.
+- the per-class table: rho per class (its own interval) for every job;
+- the seeds table (analysis.seeds) where settings were counted on models that differ only by their training
+  seed, and the unconditional table (each bias value's share among the ``uncond`` samples) where jobs have them.
 
 Tables are DataFrames of plain numbers (the CSV files hold them at full precision); the Markdown and LaTeX
 writers format them as ``0.912 [0.861, 0.946]`` with a caption that names the settings held fixed.
