@@ -393,7 +393,8 @@ def fit_corrected(observed: Any, counts: Any, group: Any, level: float = 0.95, n
     n_c = obs.sum(axis=2)  # (B, K)
     has_own = np.arange(k) < v
     aligned = np.minimum(np.arange(k), v - 1)
-    conf = counts / counts.sum(axis=3, keepdims=True)
+    totals = counts.sum(axis=3, keepdims=True)  # an unused class's own matrix may have an empty row: left NaN
+    conf = np.divide(counts, totals, out=np.full(counts.shape, np.nan), where=totals > 0)
     live = n_c > 0
     p_hat = np.full((b, k, v), np.nan)
     rows, cols = np.nonzero(live)
