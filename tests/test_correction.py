@@ -263,7 +263,8 @@ def test_report_tables_name_the_confusion_used(tmp_path):
     assert results.attrs["confusion_notes"] == ["the oracle stored no per-class confusion"]
     md = tables.to_markdown(results)
     assert "with the matrix the confusion column names (per_class: each class its own; pooled: one for all)" in md
-    assert "draws from the Jeffreys-Dirichlet posterior of both the sample counts and the confusion counts" in md
+    assert ("draws from the Dirichlet posterior (prior 1/V per cell: Jeffreys for a binary bias) of both the sample "
+            "counts and the confusion counts") in md
     assert "Pooled confusion where the oracle stored no per-class confusion." in md
     assert "bootstrap" not in md
     assert r"per\_class" in tables.to_latex(results, "tab:results")

@@ -120,8 +120,9 @@ def _ci_note(df: pd.DataFrame) -> str:
     level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0] if "ci_level" in df else 0.95))
     method = str(df.attrs.get("ci_method", df["ci_method"].iloc[0] if "ci_method" in df else ""))
     if df.attrs.get("seed_aggregate"):  # analysis.seeds.plot_frame: replicated settings drawn as their mean
-        return (f"{100 * level:g}% CI (mean over training seeds: between-model + sampling; "
-                f"single models: {METHOD_NAMES.get(method, method)})")
+        if "ci_method" in df and (df["ci_method"] == "t_seeds").all():
+            return f"{100 * level:g}% CI over training seeds"
+        return f"{100 * level:g}% CI (over seeds; one model: {METHOD_NAMES.get(method, method)})"
     return f"{100 * level:g}% CI ({METHOD_NAMES.get(method, method)})"
 
 
