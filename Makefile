@@ -35,7 +35,7 @@ test-gpu:  ## the GPU tests (needs CUDA)
 lint:  ## ruff
 	$(VENV)/bin/ruff check src tests
 
-quickstart:  ## train -> count -> report on the embedded Biased MNIST (CPU, about 7 min; SEEDS=3: 3 training seeds)
+quickstart:  ## train -> count -> report on the embedded Biased MNIST (CPU, about 7 min; SEEDS=3: 3 seeds, about 11)
 	SEEDS=$(SEEDS) PY=$(PY) OUT=$(OUT) bash experiments/quickstart/run.sh
 
 paper-bmnist:  ## 10-class Biased MNIST, rho_data 0.3..0.999 x (steps, churn) (GPU; SMOKE=1: tiny CPU run)

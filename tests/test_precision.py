@@ -24,6 +24,7 @@ def run_check(checkpoint: Path, tmp_path: Path, *args: str) -> tuple[subprocess.
     return proc, json.loads(out.read_text()) if out.is_file() else {}
 
 
+@pytest.mark.slow  # bf16 is slow on a CPU; bf16-vs-fp32 counts are also compared in the default set (test_speed)
 def test_check_pairs_fp32_and_bf16_jobs_of_each_setting(tiny_checkpoint, tmp_path):
     proc, report = run_check(tiny_checkpoint, tmp_path, "--accelerator", "cpu", "--guidance", "0,1", "--steps", "3",
                              "--n-per-class", "6")

@@ -109,6 +109,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # 2 min; resume == uninterrupted is also checked in the default set (test_train_runs: SIGTERM)
 def test_train_checkpoint_resume_equals_uninterrupted(tmp_path):
     """Kept checkpoints every 64 images (4 steps); 'kill' one run after step 4 by deleting what came later,
     resume it with resume=auto, and compare with the uninterrupted run: same n_img, weights, EMA, optimizer."""
