@@ -27,9 +27,21 @@ CHURN_RECIPES = ("paper-bmnist", "paper-steps", "paper-bmnist-2class")
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_smoke_churn_recipes_run_end_to_end(tmp_path):
+    """paper-bmnist and paper-steps (which reuses its models): the default set's recipe check."""
+    run_recipes(tmp_path, RECIPES[:2])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_smoke_paper_targets_run_end_to_end(tmp_path):
+    """Every paper recipe (4 1/2 minutes on 2 cores: the rest of them run in the slow set)."""
+    run_recipes(tmp_path, RECIPES)
+
+
+def run_recipes(tmp_path: Path, recipes: list) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    for target, settings, figures in RECIPES:  # in order: paper-steps and -guidance reuse paper-bmnist's models
+    for target, settings, figures in recipes:  # in order: paper-steps and -guidance reuse paper-bmnist's models
         proc = subprocess.run(["make", "-s", target, "SMOKE=1", f"PY={sys.executable}", f"OUT={tmp_path}"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, (target, proc.stderr[-3000:])
