@@ -70,3 +70,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     (ckpt,) = sorted((run_folder(cwd / "runs", "tiny2") / "checkpoints").glob("ckpt-*.ckpt"))
     return ckpt
+
+
+def run_hspace(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_app("hspace", args, cwd, timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_heads(tiny_checkpoint, tmp_path_factory) -> Path:
+    """h-space heads of ``tiny_checkpoint`` for the 4-step EDM (Heun) sampler, from noised images."""
+    cwd = tmp_path_factory.mktemp("tiny_heads")
+    proc = run_hspace([f"checkpoint={tiny_checkpoint}", "sampler.num_steps=4", "h_source=noised", "steps=100",
+                       "name=tiny"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "runs" / "hspace" / "tiny" / "heads.pt"

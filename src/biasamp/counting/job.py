@@ -5,6 +5,11 @@ Rows are the requested classes (and ``uncond``); row r's sample i uses the noise
 of processes, not on interruptions. Each global batch covers the next ``batch_size * world`` indices of the
 row; rank k takes the k-th slice, every rank's counts are summed (``reduce``) and the writer persists the
 state before the next batch.
+
+With distribution steering a sample also depends on its block, the indices [kB, (k+1)B) of its row steered
+together: every forward then holds whole blocks (``batch_size`` rounded down to a multiple of B, at least one
+block), ranks take whole blocks, and a job resumes at a block boundary, so a block's images are the same for any
+batch size, number of processes or interruption.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from biasamp.counting.state import CountState
 from biasamp.models import one_hot
 from biasamp.oracles import Oracle
 from biasamp.sampling import IndexNoise, guided_denoiser, sample
+from biasamp.sampling.steering import HSpaceSteerer
 
 
 def row_seed(seed: int, class_index: int) -> int:
@@ -48,6 +54,8 @@ class CountSetup:
     image_shape: tuple[int, int, int]
     device: torch.device
     pad_to: int | None = None  # generate every batch at this size (the tail sliced off): one shape, one compile
+    steerer: HSpaceSteerer | None = None  # h-space steering of the class rows (sampling.steering)
+    block: int = 1  # samples steered together (distribution steering's B; 1: every sample on its own)
 
     @property
     def count_shape(self) -> tuple[int, ...]:
@@ -63,6 +71,13 @@ class CountSetup:
         if pad and self.pad_to is not None and 0 < n < self.pad_to:
             start = int(indices.max()) + 1
             indices = torch.cat([indices.cpu(), torch.arange(start, start + self.pad_to - n)])
+        if self.steerer is not None and row.class_index is not None:
+            if self.block > 1 and (int(indices[0]) % self.block or n % self.block):
+                raise ValueError(f"steered rows are generated in whole blocks of {self.block}, got indices "
+                                 f"{int(indices[0])}..{int(indices[n - 1])}")
+            blocks = torch.div(indices.cpu(), self.block, rounding_mode="floor")
+            groups = torch.unique(blocks, return_inverse=True)[1]  # block ids 0..G-1 within this call
+            groups[n:] = -1  # padding rows: in no block's p_hat, never steered
         labels = None
         if row.class_index is not None:
             labels = one_hot(torch.full((len(indices),), row.class_index, dtype=torch.long), self.label_dim)
@@ -71,7 +86,12 @@ class CountSetup:
                                    interval=self.guidance_interval, label_dim=self.label_dim)
         key = row.class_index if row.class_index is not None else self.label_dim
         noise = IndexNoise(row_seed(self.seed, key), indices.to(self.device), self.image_shape, device=self.device)
-        x = sample(denoiser, noise, self.sampler, sigma_min=self.net.sigma_min, sigma_max=self.net.sigma_max)
+        if self.steerer is None or row.class_index is None:
+            x = sample(denoiser, noise, self.sampler, sigma_min=self.net.sigma_min, sigma_max=self.net.sigma_max)
+        else:
+            steered = self.steerer.denoiser(denoiser, row.class_index, groups)
+            with self.steerer.attached(self.net):
+                x = sample(steered, noise, self.sampler, sigma_min=self.net.sigma_min, sigma_max=self.net.sigma_max)
         return x[:n].clamp(-1.0, 1.0), float(denoiser.nfe)
 
     def classify(self, images: Tensor) -> np.ndarray:
@@ -116,9 +136,13 @@ def run_rows(setup: CountSetup, state: CountState, rows: Sequence[Row], n_per_cl
     """
     stats = RunStats()
     start_time = time.perf_counter()
+    unit = setup.block if setup.steerer is not None else 1
+    batch_size = max(batch_size // unit, 1) * unit  # whole blocks per forward
     for row in rows:
         state.row(row.name)
         start = state.done[row.name]
+        if start % unit or n_per_class % unit:
+            raise ValueError(f"row {row.name}: {start} samples counted of {n_per_class}, not whole blocks of {unit}")
         while start < n_per_class:
             stop = min(start + batch_size * world, n_per_class)
             lo = min(start + rank * batch_size, stop)
@@ -146,5 +170,8 @@ def run_rows(setup: CountSetup, state: CountState, rows: Sequence[Row], n_per_cl
 @torch.inference_mode()
 def grid_images(setup: CountSetup, rows: Sequence[Row], per_row: int) -> Tensor:
     """The first ``per_row`` samples of every row (the same images the counts saw), (rows*per_row, C, H, W)."""
-    # unpadded: a few images need no full batch (a compiled denoiser compiles this shape once per process)
-    return torch.cat([setup.generate(row, torch.arange(per_row), pad=False)[0] for row in rows])
+    # unpadded: a few images need no full batch (a compiled denoiser compiles this shape once per process);
+    # steered in blocks: the first whole block(s), as counted
+    unit = setup.block if setup.steerer is not None else 1
+    n = -(-per_row // unit) * unit
+    return torch.cat([setup.generate(row, torch.arange(n), pad=False)[0][:per_row] for row in rows])

@@ -43,14 +43,17 @@ def _number(value: Any) -> str:
 
 
 def job_folder_name(sampler: Mapping[str, Any], guidance: float, precision: str, class_oracle: bool,
-                    identity: Mapping[str, Any]) -> str:
-    """``<sampler>[-<solver>]-steps<N>[-churn<S>]-w<w>[-bf16][-fid]-<identity hash>``."""
+                    identity: Mapping[str, Any], steer: str | None = None) -> str:
+    """``<sampler>[-<solver>]-steps<N>[-churn<S>]-w<w>[-<steer>][-bf16][-fid]-<identity hash>`` (steer: e.g.
+    ``steer-uniform-s1000-B100``)."""
     parts = [str(sampler["name"])]
     if sampler["name"] == "edm":
         parts += [str(sampler["solver"]), f"steps{sampler['num_steps']}", f"churn{_number(sampler['s_churn'])}"]
     else:
         parts.append(f"steps{sampler['num_steps']}")
     parts.append(f"w{_number(guidance)}")
+    if steer:
+        parts.append(steer)
     if precision != "fp32":
         parts.append(precision)
     if class_oracle:

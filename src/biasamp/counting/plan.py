@@ -23,6 +23,7 @@ from biasamp.checkpoints import ema_state_dict, load_checkpoint, metadata, resol
 from biasamp.counting.job import Row
 from biasamp.counting.names import job_folder_name, sweep_name
 from biasamp.counting.schema import CountSettings, check_against_checkpoint
+from biasamp.counting.steering import resolve_steering, steer_folder_part
 from biasamp.errors import UsageError
 from biasamp.identity import identity
 from biasamp.oracles import Oracle, build_oracle, with_class_prediction
@@ -107,6 +108,9 @@ class Plan:
     sampler: dict[str, Any]  # resolved
     identity: dict[str, Any]
     job_name: str
+    steering: dict[str, Any] | None = None  # resolved (counting.steering), as in the identity; None: unsteered
+    heads: Any = None  # the HeadsFile of a steered job
+
 
     @property
     def row_names(self) -> list[str]:
@@ -142,9 +146,11 @@ def plan_job(settings: CountSettings) -> Plan:
     for attribute in oracle.attributes:  # each bias column needs the training data's rho (before any sampling)
         data_rho(meta, attribute, len(oracle.attributes), [r.name for r in rows if r.class_index is not None])
     oracle_identity = _oracle_identity(settings.oracle, oracle)
+    sha = sha256_file(checkpoint)
+    steering, heads = resolve_steering(settings.steer, meta, sha, sampler, list(oracle.attributes),
+                                       [list(v) for v in oracle.value_names])
     if settings.class_oracle is not None:
         oracle = with_class_prediction(oracle, str(settings.class_oracle), meta)
-    sha = sha256_file(checkpoint)
     resolved = {
         **settings.options, "checkpoint_sha256": sha, "sampler": sampler, "guidance": settings.guidance,
         "guidance_uncond": settings.guidance_uncond, "oracle": oracle_identity,
@@ -152,11 +158,16 @@ def plan_job(settings: CountSettings) -> Plan:
         "class_oracle_sha256": sha256_file(settings.class_oracle) if settings.class_oracle else None,
         "precision": settings.precision, "classes": [r.name for r in rows if r.class_index is not None],
     }
+    resolved.pop("steer", None)  # an unsteered job keeps the identity it had before steering existed
+    if steering is not None:
+        resolved["steer"] = steering
     revised = (sampler["name"] == "dpmpp" and sampler.get("order") == 3) or (
         sampler["name"] == "edm" and sampler.get("s_churn", 0) > 0 and sampler.get("n_skipped_steps", 0) > 0)
     if revised:  # these samplers' formulas changed (reference 3M; churn over N - n): never continue an older job
         resolved["sampler_formula"] = SAMPLER_FORMULA
     ident = _json_ready(identity(resolved, ALLOW))
-    name = job_folder_name(sampler, settings.guidance, settings.precision, settings.class_oracle is not None, ident)
+    name = job_folder_name(sampler, settings.guidance, settings.precision, settings.class_oracle is not None, ident,
+                           steer_folder_part(steering))
     return Plan(settings=settings, checkpoint=checkpoint, checkpoint_sha256=sha, run=sweep_name(checkpoint),
-                meta=meta, oracle=oracle, rows=rows, sampler=sampler, identity=ident, job_name=name)
+                meta=meta, oracle=oracle, rows=rows, sampler=sampler, identity=ident, job_name=name,
+                steering=steering, heads=heads)

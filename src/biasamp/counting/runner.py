@@ -145,14 +145,36 @@ def prepared_denoiser(plan: Plan, device: Any) -> Any:
     """The checkpoint's EMA denoiser on ``device`` with the job's speed switches (loaded once per process)."""
     from biasamp.speed import fast_denoiser
 
+    from biasamp.speed import resolve_switch
+
     s = plan.settings
-    key = (plan.checkpoint_sha256, str(device), s.precision, str(s.channels_last), str(s.compile), s.compile_mode)
+    compile = s.compile
+    if plan.steering is not None and resolve_switch("compile", compile, device):
+        compile = False  # the h-space hook edits a block's output between Python calls: eager only
+        print("biasamp.count: steer: torch.compile is off for a steered job (its h-space hook runs eagerly)")
+    key = (plan.checkpoint_sha256, str(device), s.precision, str(s.channels_last), str(compile), s.compile_mode)
     if key not in _PREPARED:
         _PREPARED.clear()  # one checkpoint's weights at a time
         net, _ = load_denoiser(plan.checkpoint)
         _PREPARED[key] = fast_denoiser(net, device, precision=s.precision, channels_last=s.channels_last,
-                                       compile=s.compile, compile_mode=s.compile_mode)
+                                       compile=compile, compile_mode=s.compile_mode)
     return _PREPARED[key]
+
+
+def steerer(plan: Plan, device: Any) -> Any:
+    """The job's HSpaceSteerer (sampling.steering) on ``device``, or None for an unsteered job."""
+    import torch
+
+    from biasamp.sampling.steering import HSpaceSteerer
+
+    st = plan.steering
+    if st is None:
+        return None
+    window = tuple(st["sigma_window"]) if st["sigma_window"] else (0.0, float("inf"))
+    targets = torch.tensor(st["targets"], dtype=torch.float32) if st["mode"] == "distribution" else None
+    return HSpaceSteerer(plan.heads.heads().to(device), st["mode"], st["scale"], st["temperature"], window,
+                         loss=st.get("loss", "chi2"), branches=st["branches"], targets=targets,
+                         target_value=st.get("target_value"))
 
 
 def _batch_size(plan: Plan, state: CountState, net: Any, fabric: Any, world: int, image_shape: tuple) -> int:
@@ -199,6 +221,8 @@ def _sample(plan: Plan, state: CountState, job_dir: Path) -> JobMeta | None:
         guidance_uncond=s.guidance_uncond, guidance_interval=s.guidance_interval, seed=s.seed,
         label_dim=int(plan.meta["label_dim"]), image_shape=image_shape, device=fabric.device,
         pad_to=min(batch_size, n) if getattr(net, "compile", False) else None,
+        steerer=steerer(plan, fabric.device),
+        block=int(plan.steering["batch"]) if plan.steering and plan.steering["mode"] == "distribution" else 1,
     )
     todo = sum(max(n - state.done.get(r.name, 0), 0) for r in plan.rows)
     bar = tqdm(total=todo, unit="img", desc=job_dir.name, disable=not (writer and s.progress), dynamic_ncols=True,

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from biasamp.errors import UsageError
 from biasamp.identity import check_folder_name
 from biasamp.sampling import UNCOND_MODES, check_sampler_config, resolve_sampler_config
+from biasamp.sampling.steering import STEER_BRANCHES, STEER_LOSSES
 from biasamp.speed import COMPILE_MODES, PRECISIONS, device_type
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -58,6 +59,7 @@ class CountSettings:
     allow_unfinished: bool
     progress: bool
     options: dict[str, Any]
+    steer: dict[str, Any] | None = None  # checked steering settings (heads: a resolved path), None: no steering
 
 
 def _refuse(key: str, value: Any, allowed: str) -> UsageError:
@@ -162,7 +164,63 @@ def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 TOP_KEYS = ("checkpoint", "allow_unfinished", "n_per_class", "classes", "include_uncond", "batch_size", "seed",
             "guidance", "guidance_uncond", "guidance_interval", "class_oracle", "precision", "compile", "compile_mode",
             "channels_last", "save_grid", "grid_per_class", "export_matrix", "ci_level", "progress", "fabric",
-            "sweep_name", "sampler", "oracle")
+            "sweep_name", "sampler", "oracle", "steer")
+STEER_KEYS = {
+    "none": ("mode",),
+    "distribution": ("mode", "heads", "target", "scale", "temperature", "batch", "sigma_window", "loss", "branches"),
+    "sample": ("mode", "heads", "target", "scale", "temperature", "sigma_window", "branches"),
+}
+STEER_HELP = "python -m biasamp.hspace checkpoint=<the same checkpoint> writes one"
+
+
+def check_steer(steer: Any) -> dict[str, Any] | None:
+    """The steering settings checked (conf/steer/*.yaml), or None for mode none. What needs the heads file
+    (its checkpoint, sigma grid, values; the target's values) is checked by the plan."""
+    if steer is None:
+        return None
+    mode = steer.get("mode") if isinstance(steer, dict) else None
+    if mode not in STEER_KEYS:
+        raise _refuse("steer.mode", mode, "choose steer=none, steer=distribution or steer=sample")
+    extra = sorted(set(steer) - set(STEER_KEYS[mode]))
+    if extra:
+        raise _refuse(f"steer.{extra[0]}", steer[extra[0]], f"not a setting of steer={mode} (its settings: "
+                      f"{', '.join(STEER_KEYS[mode])})")
+    if mode == "none":
+        return None
+    heads = steer.get("heads")
+    if heads in (None, "", "???"):
+        raise UsageError(f"steer.heads is required for steer={mode}: the heads.pt of the h-space heads; "
+                         f"{STEER_HELP}")
+    out = {**steer, "heads": _existing_file("steer.heads", heads, f"a heads.pt ({STEER_HELP})")}
+    scale = steer.get("scale")
+    if not _real(scale) or scale < 0:
+        raise _refuse("steer.scale", scale, "the step size must be a finite number >= 0")
+    temperature = steer.get("temperature")
+    if not _real(temperature) or temperature <= 0:
+        raise _refuse("steer.temperature", temperature, "must be a finite number > 0 (the released code's 8)")
+    window = steer.get("sigma_window")
+    if window is not None:
+        ok = (isinstance(window, list) and len(window) == 2 and all(_real(v) for v in window)
+              and 0 <= window[0] <= window[1])
+        if not ok:
+            raise _refuse("steer.sigma_window", window, "give [sigma_lo, sigma_hi] with 0 <= sigma_lo <= sigma_hi, "
+                          "or null (steer at every evaluation)")
+    if steer.get("branches") not in STEER_BRANCHES:
+        raise _refuse("steer.branches", steer.get("branches"), f"use one of {', '.join(STEER_BRANCHES)}")
+    target = steer.get("target")
+    if mode == "distribution":
+        batch = steer.get("batch")
+        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 2:
+            raise _refuse("steer.batch", batch, "an integer >= 2: the samples whose attribute distribution is "
+                          "steered together (the released code's 100)")
+        if steer.get("loss") not in STEER_LOSSES:
+            raise _refuse("steer.loss", steer.get("loss"), f"use one of {', '.join(STEER_LOSSES)}")
+        if not (target in ("uniform", "data") or isinstance(target, list)):
+            raise _refuse("steer.target", target, "uniform, data, a list of V shares (every class), or one such "
+                          "list per class")
+    elif target in (None, "", "???") or isinstance(target, list | dict | bool):
+        raise _refuse("steer.target", target, "the name of one value of the heads' bias attribute (e.g. a colour)")
+    return out
 
 
 def check_count_config(cfg: DictConfig | Mapping[str, Any]) -> CountSettings:
@@ -201,6 +259,13 @@ def check_count_config(cfg: DictConfig | Mapping[str, Any]) -> CountSettings:
     if oracle["name"] == "classifier" and oracle.get("checkpoint") not in (None, "???"):
         oracle["checkpoint"] = str(_existing_file("oracle.checkpoint", oracle["checkpoint"],
                                                   "the oracle.ckpt written by python -m biasamp.oracle"))
+    steer = check_steer(options.get("steer"))
+    if steer is not None and options.get("include_uncond"):
+        raise _refuse("include_uncond", True, f"steer={steer['mode']} steers class rows (the heads saw class-"
+                      "conditional h); use include_uncond=false")
+    if steer is not None and steer["mode"] == "distribution" and _int(options, "n_per_class", 1) % steer["batch"]:
+        raise _refuse("n_per_class", options.get("n_per_class"), f"with steer=distribution it must be a multiple "
+                      f"of steer.batch={steer['batch']} (blocks of sample indices [kB, (k+1)B) are steered together)")
     class_oracle = options.get("class_oracle")
     if class_oracle is not None:
         class_oracle = _existing_file("class_oracle", class_oracle, "an oracle.ckpt trained with attribute=target")
@@ -214,7 +279,7 @@ def check_count_config(cfg: DictConfig | Mapping[str, Any]) -> CountSettings:
         grid_per_class=_int(options, "grid_per_class", 0), export_matrix=options.get("export_matrix"),
         ci_level=float(level), accelerator=accelerator, devices=devices, num_nodes=num_nodes, sampler=dict(sampler),
         oracle=oracle, allow_unfinished=_bool(options, "allow_unfinished"), progress=_bool(options, "progress"),
-        options=options)
+        options=options, steer=steer)
 
 
 def check_against_checkpoint(settings: CountSettings, meta: Mapping[str, Any], path: Path) -> dict[str, Any]:

@@ -288,6 +288,30 @@ def nfe_per_sample(sampler_cfg: Mapping[str, Any]) -> int:
     return int(c["num_steps"])
 
 
+def evaluated_sigmas(sampler_cfg: Mapping[str, Any], sigma_min: float, sigma_max: float) -> list[float]:
+    """Every noise level at which the configured sampler evaluates the denoiser, decreasing, without repeats.
+
+    EDM: t̂_i = t_i (1 + γ_i) of every step (γ_i as ``sample_edm``: churn inside [s_min, s_max] only) and, for
+    Heun, the second evaluation's t_{i+1} of every step that does not end at 0; dpmpp, ddim, euler_ancestral:
+    the schedule's sigmas but the final 0. Values are the float64 numbers the samplers compute (the denoiser sees
+    them rounded to float32). An h-space head is trained for each (``biasamp.hspace``)."""
+    sigmas = [float(s) for s in sampler_sigmas(sampler_cfg, sigma_min, sigma_max).tolist()]
+    c = resolve_sampler_config(sampler_cfg)
+    found: list[float] = []
+    if c["name"] != "edm":
+        found = sigmas[:-1]
+    else:
+        n_churn = len(sigmas) - 1
+        s_churn, s_min, s_max = float(c["s_churn"]), float(c["s_min"]), float(c["s_max"])
+        for i in range(len(sigmas) - 1):
+            t_cur, t_next = sigmas[i], sigmas[i + 1]
+            gamma = min(s_churn / n_churn, _SQRT2_M1) if s_churn > 0 and s_min <= t_cur <= s_max else 0.0
+            found.append(t_cur * (1.0 + gamma))
+            if c["solver"] == "heun" and t_next != 0:
+                found.append(t_next)
+    return sorted(set(found), reverse=True)
+
+
 def sample(denoiser: Denoiser, noise: IndexNoise, sampler_cfg: Mapping[str, Any], sigma_min: float,
            sigma_max: float) -> Tensor:
     """Run the sampler a config names (edm | dpmpp | ddim | euler_ancestral) and return x float32 (B, *shape).

@@ -1,0 +1,84 @@
+"""``heads.pt``: the h-space attribute heads of one checkpoint, written by ``python -m biasamp.hspace`` and read
+by the count app's steering (``steer=distribution`` / ``steer=sample``). This module is the format's one home.
+
+A plain dict of tensors, strings and numbers (loadable with ``torch.load(..., weights_only=True)``):
+
+- ``format``: ``FORMAT``;
+- ``weight`` float32 (S, V, D), ``bias`` float32 (S, V): head s maps flattened h (D,) at noise level
+  ``sigmas[s]`` to logits over the V values ``value_names`` of the bias attribute ``attribute``;
+- ``sigmas``: the S noise levels (decreasing), the ones the sampler setting ``settings["sampler"]`` evaluates;
+- ``accuracy``, ``worst_group_accuracy``, ``train_accuracy`` (S,): held-out accuracy (mean over the (class,
+  value) groups: balanced), its worst group, and the balanced training accuracy of each head;
+- ``class_names``, ``data_distribution`` (K, V): each class's share of each bias value in the training set (the
+  ``data`` target of distribution guidance), ``rho_per_class`` (K,);
+- ``checkpoint_sha256``: the diffusion model the heads were trained on (steering another model is refused);
+- ``h_shape``: (C, r, r) of h; ``n_train``, ``n_heldout``: images per head; ``settings``: the app's settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from biasamp.atomic import atomic_write_bytes
+from biasamp.errors import UsageError
+from biasamp.safe_load import load_weights_only
+from biasamp.sampling.steering import LinearHeads
+
+HEADS_NAME = "heads.pt"
+FORMAT = "biasamp.hspace_heads/1"
+HINT = "give the heads.pt written by python -m biasamp.hspace checkpoint=<the same checkpoint>"
+
+
+@dataclass
+class HeadsFile:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    sigmas: list[float]
+    attribute: str
+    value_names: list[str]
+    class_names: list[str]
+    data_distribution: list[list[float]]
+    rho_per_class: list[float]
+    accuracy: list[float]
+    worst_group_accuracy: list[float]
+    train_accuracy: list[float]
+    checkpoint_sha256: str
+    h_shape: list[int]
+    n_train: int
+    n_heldout: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def heads(self) -> LinearHeads:
+        return LinearHeads(self.weight.to(torch.float32), self.bias.to(torch.float32),
+                           torch.tensor(self.sigmas, dtype=torch.float64))
+
+    def save(self, path: str | Path) -> None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save({"format": FORMAT, **asdict(self)}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeadsFile:
+        data = load_weights_only(path, "heads file", HINT)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise UsageError(f"heads file {path} is not a biasamp h-space heads file (format {found!r}, expected "
+                             f"{FORMAT!r}); {HINT}")
+        data = dict(data)
+        data.pop("format")
+        names = {f for f in cls.__dataclass_fields__}
+        missing = sorted(names - set(data))
+        if missing:
+            raise UsageError(f"heads file {path} lacks {missing}; {HINT}")
+        heads = cls(**{k: data[k] for k in names})
+        s, v = len(heads.sigmas), len(heads.value_names)
+        if tuple(heads.weight.shape[:2]) != (s, v) or tuple(heads.bias.shape) != (s, v):
+            raise UsageError(f"heads file {path} has weight {tuple(heads.weight.shape)} and bias "
+                             f"{tuple(heads.bias.shape)} for {s} sigmas and {v} values; {HINT}")
+        return heads

@@ -1,0 +1,189 @@
+"""The h-space head app and steered count jobs: the heads file, head accuracy against noise, refusals before any
+sampling, counts identical across batch sizes, processes and interruptions with fixed blocks, and the direction
+in which distribution guidance moves rho_model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from biasamp.errors import UsageError
+from biasamp.mitigation.heads import FORMAT, HeadsFile
+from tests.conftest import run_count, run_hspace
+from tests.test_count import _one_job, compose_count, plan
+
+STEER = ["sampler.num_steps=4", "save_grid=false", "steer=distribution", "steer.batch=4"]
+
+
+def test_heads_file_is_weights_only_and_holds_what_steering_needs(tiny_heads, tiny_checkpoint):
+    raw = torch.load(tiny_heads, weights_only=True)
+    assert raw["format"] == FORMAT
+    heads = HeadsFile.load(tiny_heads)
+    from biasamp.counting.plan import sha256_file
+
+    assert heads.checkpoint_sha256 == sha256_file(tiny_checkpoint)
+    assert heads.attribute == "colour" and heads.value_names == ["red", "green"] and heads.class_names == ["0", "1"]
+    assert len(heads.sigmas) == 4 and heads.sigmas == sorted(heads.sigmas, reverse=True)  # Heun, 4 steps
+    assert tuple(heads.weight.shape) == (4, 2, 16 * 8 * 8) and heads.h_shape == [16, 8, 8]
+    assert heads.data_distribution[0][0] == pytest.approx(0.9) and heads.data_distribution[1][1] == pytest.approx(0.9)
+    assert (tiny_heads.parent / "accuracy.png").stat().st_size > 0
+    assert len(pd.read_csv(tiny_heads.parent / "accuracy.csv")) == 4
+
+
+def test_heads_read_the_colour_at_small_sigma_and_guess_at_the_largest(tiny_heads):
+    heads = HeadsFile.load(tiny_heads)
+    assert heads.accuracy[-1] >= 0.95  # sigma 0.002: the background colour is plain in h
+    assert heads.accuracy[0] <= 0.75  # sigma 80 from noised images: close to chance (0.5)
+    assert heads.n_heldout >= 4 * 8  # every (class, colour) group is held out from
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["h_source=both"], "h_source='both' is not allowed"),
+    (["val_fraction=1.5"], "val_fraction=1.5 is not allowed"),
+    (["steps=0"], "steps=0 is not allowed"),
+    (["sampler.num_steps=0"], "sampler.num_steps"),
+])
+def test_hspace_bad_input_is_one_line_exit_2_and_leaves_no_folder(tiny_checkpoint, tmp_path, args, needle):
+    proc = run_hspace([f"checkpoint={tiny_checkpoint}", *args, "name=bad"], tmp_path)
+    assert proc.returncode == 2 and needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "hspace" / "bad").exists()
+
+
+def _other_checkpoint(tiny_checkpoint, path):
+    from biasamp.checkpoints import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("ema."))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1e-3
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("sampler.num_steps=6", "has no head for sigma="),
+    ("steer.target=[0.5,0.6]", "must sum to 1"),
+    ("steer.target=[1.0,0.0]", "every share must be > 0"),
+    ("steer.target=[0.3,0.3,0.4]", "give 2 shares"),
+    ("steer.batch=1", "steer.batch=1 is not allowed"),
+    ("steer.scale=-1", "steer.scale=-1 is not allowed"),
+    ("n_per_class=6", "multiple of steer.batch=4"),
+    ("include_uncond=true", "include_uncond=True is not allowed"),
+    ("steer.loss=l2", "steer.loss='l2'"),
+    ("steer.sigma_window=[2,1]", "steer.sigma_window"),
+])
+def test_steering_bad_settings_are_named_before_sampling(tiny_checkpoint, tiny_heads, override, needle):
+    cfg = compose_count([f"checkpoint={tiny_checkpoint}", *STEER, f"steer.heads={tiny_heads}", "n_per_class=8",
+                         override])
+    with pytest.raises(UsageError) as err:
+        plan(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_heads_of_another_checkpoint_and_unknown_sample_targets_are_refused(tiny_checkpoint, tiny_heads, tmp_path):
+    other = _other_checkpoint(tiny_checkpoint, tmp_path / "other.ckpt")
+    with pytest.raises(UsageError, match="was trained on checkpoint sha256"):
+        plan(compose_count([f"checkpoint={other}", *STEER, f"steer.heads={tiny_heads}", "n_per_class=8"]))
+    with pytest.raises(UsageError, match="steer.target='blue' is not allowed"):
+        plan(compose_count([f"checkpoint={tiny_checkpoint}", "sampler.num_steps=4", "steer=sample",
+                            f"steer.heads={tiny_heads}", "steer.target=blue"]))
+    with pytest.raises(UsageError, match="steer.heads is required"):
+        plan(compose_count([f"checkpoint={tiny_checkpoint}", *STEER]))
+    with pytest.raises(UsageError, match="not a setting of steer=none"):
+        plan(compose_count([f"checkpoint={tiny_checkpoint}", "+steer.scale=3"]))
+
+
+def test_steering_enters_the_identity_and_an_unsteered_job_keeps_its_old_one(tiny_checkpoint, tiny_heads):
+    plain = plan(compose_count([f"checkpoint={tiny_checkpoint}", "sampler.num_steps=4"]))
+    assert not any(k.startswith("steer") for k in plain.identity)
+    base = [f"checkpoint={tiny_checkpoint}", *STEER, f"steer.heads={tiny_heads}", "n_per_class=8"]
+    a = plan(compose_count(base))
+    assert a.identity["steer.targets"] == [[0.5, 0.5], [0.5, 0.5]] and "steer.heads_sha256" in a.identity
+    assert "steer-uniform-s1000-B4" in a.job_name
+    names = {plan(compose_count([*base, o])).job_name for o in
+             ("steer.scale=10", "steer.batch=8", "steer.target=data", "steer.branches=cond", "steer.temperature=4",
+              "steer.loss=kl", "steer.sigma_window=[0.1,100]")}
+    assert len(names) == 7 and a.job_name not in names
+    data = plan(compose_count([*base, "steer.target=data"]))
+    assert data.identity["steer.targets"][0][0] == pytest.approx(0.9)
+
+
+def _counts(cwd):
+    return (_one_job(cwd) / "counts.csv").read_bytes()
+
+
+def test_steered_counts_identical_for_batch_sizes_and_processes(tiny_checkpoint, tiny_heads, tmp_path):
+    common = [f"checkpoint={tiny_checkpoint}", *STEER, f"steer.heads={tiny_heads}", "n_per_class=8",
+              "steer.scale=300", "guidance=1", "fabric.accelerator=cpu"]
+    for name, extra in (("bs4", ["batch_size=4"]), ("bs8", ["batch_size=8"]), ("bs6", ["batch_size=6"]),
+                        ("two", ["batch_size=4", "fabric.devices=2"])):
+        proc = run_count([*common, *extra], tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _counts(tmp_path / "bs4") == _counts(tmp_path / "bs8") == _counts(tmp_path / "bs6") == \
+        _counts(tmp_path / "two")
+    plain = run_count([f"checkpoint={tiny_checkpoint}", "sampler.num_steps=4", "save_grid=false", "n_per_class=8",
+                       "guidance=1"], tmp_path / "plain")
+    assert plain.returncode == 0
+    meta = json.loads((_one_job(tmp_path / "bs4") / "meta.json").read_text())
+    assert meta["identity"]["steer.scale"] == 300.0
+
+
+def test_interrupted_steered_job_resumes_at_a_block_boundary_to_the_same_counts(tiny_checkpoint, tiny_heads):
+    from biasamp.checkpoints import load_denoiser
+    from biasamp.counting.job import CountSetup, Row, run_rows
+    from biasamp.counting.state import CountState
+    from biasamp.oracles import build_oracle
+    from biasamp.sampling.steering import HSpaceSteerer
+
+    net, meta = load_denoiser(tiny_checkpoint)
+    heads = HeadsFile.load(tiny_heads).heads()
+    steer = HSpaceSteerer(heads, "distribution", scale=300.0, targets=torch.full((2, 2), 0.5))
+    setup = CountSetup(net=net, oracle=build_oracle({"name": "colour"}, meta),
+                       sampler={"name": "edm", "num_steps": 4}, guidance=0.0, guidance_uncond="null",
+                       guidance_interval=None, seed=3, label_dim=2, image_shape=(3, 32, 32),
+                       device=torch.device("cpu"), steerer=steer, block=4)
+    rows = [Row("0", 0), Row("1", 1)]
+    full = CountState("f", setup.count_shape)
+    run_rows(setup, full, rows, n_per_class=12, batch_size=5)  # 5 rounds down to one block of 4
+
+    class Killed(Exception):
+        pass
+
+    def kill(state, n_new, seen=[0]):  # noqa: B006
+        seen[0] += 1
+        if seen[0] == 4:
+            raise Killed
+
+    part = CountState("f", setup.count_shape)
+    with pytest.raises(Killed):
+        run_rows(setup, part, rows, n_per_class=12, batch_size=4, on_batch=kill)
+    assert part.done == {"0": 12, "1": 4}
+    run_rows(setup, part, rows, n_per_class=12, batch_size=8)
+    for name in full.counts:
+        assert np.array_equal(full.counts[name], part.counts[name]), name
+
+
+def _rho(cwd):
+    return float(pd.read_csv(next((cwd / "runs" / "count").glob("*/results.csv")))["rho_model"].iloc[0])
+
+
+@pytest.mark.slow
+def test_uniform_target_moves_rho_model_toward_one_half_and_data_target_toward_rho_data(tiny_checkpoint, tiny_heads,
+                                                                                      tmp_path):
+    base = [f"checkpoint={tiny_checkpoint}", "sampler.num_steps=4", "save_grid=false", "n_per_class=40",
+            "batch_size=40"]
+    steer = [*STEER[1:3], f"steer.heads={tiny_heads}", "steer.batch=40"]
+    runs = {"plain": base, "uniform": [*base, *steer, "steer.scale=3000"],
+            "data": [*base, *steer, "steer.scale=3000", "steer.target=data"]}
+    for name, args in runs.items():
+        proc = run_count(args, tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, uniform, data = (_rho(tmp_path / n) for n in runs)
+    assert abs(uniform - 0.5) < abs(plain - 0.5) - 0.1, (plain, uniform)
+    assert abs(data - 0.9) < abs(plain - 0.9), (plain, data)
+    shutil.rmtree(tmp_path)

@@ -1,0 +1,196 @@
+"""h-space steering (Balancing Act): the sigmas a sampler evaluates, the closed-form head gradients against
+autograd, blocks that never see each other, the hook's row layout under guidance, and a steered denoiser that is
+bit-identical to the plain one at scale 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from biasamp.models.build import build_denoiser
+from biasamp.sampling import IndexNoise, evaluated_sigmas, guided_denoiser, sample
+from biasamp.sampling.steering import (
+    HSpaceRecorder,
+    HSpaceSteerer,
+    LinearHeads,
+    block_means,
+    distribution_loss,
+    head_step,
+    hspace_block,
+)
+
+TINY = {"name": "tiny", "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0,
+        "net": {"model_channels": 8, "channel_mult": [1, 2, 2], "channel_mult_emb": 4, "num_blocks": 1,
+                "attn_resolutions": [], "dropout": 0.0, "label_dropout": 0.1}}
+
+
+def _net():
+    torch.manual_seed(0)
+    net = build_denoiser(TINY, img_resolution=32, in_channels=3, label_dim=2).eval()
+    for p in net.parameters():  # a zero-initialised output layer would hide every change of h
+        p.data.add_(0.05 * torch.randn_like(p))
+    return net.requires_grad_(False)
+
+
+class Recording:
+    """A denoiser that records the sigmas it is called at and returns a shrunk x."""
+
+    def __init__(self):
+        self.sigmas = []
+
+    def __call__(self, x, sigma):
+        self.sigmas.append(float(sigma[0]))
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"name": "edm", "num_steps": 6},
+    {"name": "edm", "num_steps": 6, "solver": "euler"},
+    {"name": "edm", "num_steps": 8, "s_churn": 10.0, "s_min": 0.05, "s_max": 10.0},
+    {"name": "edm", "num_steps": 8, "s_churn": 40.0, "n_skipped_steps": 2},
+    {"name": "dpmpp", "num_steps": 5, "order": 3},
+    {"name": "ddim", "num_steps": 7, "eta": 1.0},
+    {"name": "euler_ancestral", "num_steps": 7},
+])
+def test_evaluated_sigmas_are_the_ones_the_sampler_calls(cfg):
+    rec = Recording()
+    noise = IndexNoise(0, torch.arange(2), (1, 4, 4))
+    sample(rec, noise, cfg, sigma_min=0.002, sigma_max=80.0)
+    called = sorted({s for s in rec.sigmas}, reverse=True)
+    expected = evaluated_sigmas(cfg, 0.002, 80.0)
+    assert len(called) == len(expected)
+    for a, b in zip(called, expected, strict=True):
+        assert a == pytest.approx(b, rel=1e-6)  # the denoiser sees float32
+
+
+def test_heun_evaluates_every_level_but_zero_and_churn_adds_the_raised_levels():
+    plain = evaluated_sigmas({"name": "edm", "num_steps": 5}, 0.002, 80.0)
+    assert len(plain) == 5 and plain[0] == 80.0 and plain[-1] == pytest.approx(0.002)
+    churned = evaluated_sigmas({"name": "edm", "num_steps": 5, "s_churn": 2.0}, 0.002, 80.0)
+    gamma = min(2.0 / 5, math.sqrt(2) - 1)
+    assert churned[0] == pytest.approx(80.0 * (1 + gamma))
+    assert len(churned) == 5 + 4  # t̂_0..t̂_4, then t_1..t_4 (the second evaluations)
+
+
+def _autograd_step(h, w, b, temperature, groups, target, loss):
+    h = h.clone().requires_grad_(True)
+    p = torch.softmax((h @ w.T + b) / temperature, dim=1)
+    n_groups = int(groups.max()) + 1
+    p_hat = block_means(p, groups, n_groups)
+    sizes = torch.stack([(groups == g).sum() for g in range(n_groups)]).to(torch.float32)
+    total = (sizes * distribution_loss(p_hat, target.expand(n_groups, -1), loss)).sum()  # Σ_g n_g L_g
+    total.backward()
+    return h.grad
+
+
+@pytest.mark.parametrize("loss", ["chi2", "kl"])
+def test_distribution_step_equals_autograd_of_block_size_times_loss(loss):
+    torch.manual_seed(1)
+    n, d, v = 9, 12, 3
+    h, w, b = torch.randn(n, d), torch.randn(v, d), torch.randn(v)
+    groups = torch.tensor([0, 0, 1, 1, 1, 0, 2, 2, -1])  # three blocks and one padding row
+    target = torch.tensor([0.2, 0.5, 0.3])
+    heads = LinearHeads(w[None], b[None], torch.tensor([1.0], dtype=torch.float64))
+    steer = HSpaceSteerer(heads, "distribution", scale=1.0, temperature=2.0, loss=loss,
+                          targets=target.expand(1, -1))
+    delta = steer.delta(h, 0, 0, groups, 3)
+    ref = _autograd_step(h[:8], w, b, 2.0, groups[:8], target, loss)
+    assert torch.allclose(delta[:8], -ref, atol=1e-6)
+    assert torch.equal(delta[8], torch.zeros(d))  # padding is never steered
+
+
+def test_sample_step_equals_autograd_and_raises_the_target_probability():
+    torch.manual_seed(2)
+    h, w, b = torch.randn(5, 6), torch.randn(2, 6), torch.randn(2)
+    heads = LinearHeads(w[None], b[None], torch.tensor([1.0], dtype=torch.float64))
+    steer = HSpaceSteerer(heads, "sample", scale=1.0, temperature=8.0, target_value=1)
+    delta = steer.delta(h, 0, 0, torch.arange(5), 5)
+    hh = h.clone().requires_grad_(True)
+    (-torch.softmax((hh @ w.T + b) / 8.0, dim=1)[:, 1].sum()).backward()
+    assert torch.allclose(delta, -hh.grad, atol=1e-7)
+    before = torch.softmax((h @ w.T + b) / 8, 1)[:, 1]
+    after = torch.softmax(((h + 0.5 * delta) @ w.T + b) / 8, 1)[:, 1]
+    assert (after > before).all()
+
+
+def test_a_block_step_depends_on_its_own_block_only():
+    torch.manual_seed(3)
+    h, w, b = torch.randn(8, 5), torch.randn(2, 5), torch.randn(2)
+    heads = LinearHeads(w[None], b[None], torch.tensor([1.0], dtype=torch.float64))
+    steer = HSpaceSteerer(heads, "distribution", scale=1.0, targets=torch.tensor([[0.5, 0.5]]))
+    both = steer.delta(h, 0, 0, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), 2)
+    first = steer.delta(h[:4], 0, 0, torch.zeros(4, dtype=torch.long), 1)
+    second = steer.delta(h[4:], 0, 0, torch.zeros(4, dtype=torch.long), 1)
+    assert torch.allclose(both, torch.cat([first, second]), atol=1e-7)
+
+
+@pytest.mark.parametrize("branches", ["all", "cond"])
+def test_hook_steps_cond_rows_and_the_same_step_on_uncond_rows_for_branches_all(branches):
+    torch.manual_seed(4)
+    batch, shape = 3, (4, 2, 2)
+    heads = LinearHeads(torch.randn(1, 2, 16), torch.randn(1, 2), torch.tensor([1.0], dtype=torch.float64))
+    steer = HSpaceSteerer(heads, "distribution", scale=3.0, targets=torch.tensor([[0.5, 0.5]]), branches=branches)
+    out = torch.randn(2 * batch, *shape)
+    steer._active = (0, 0, torch.zeros(batch, dtype=torch.long), 1)
+    new = steer.hook(None, (), out)
+    cond_step = new[:batch] - out[:batch]
+    expected = 3.0 * steer.delta(out[:batch].reshape(batch, -1), 0, 0, torch.zeros(batch, dtype=torch.long), 1)
+    assert torch.allclose(cond_step.reshape(batch, -1), expected, atol=1e-6)
+    uncond_step = new[batch:] - out[batch:]
+    if branches == "all":
+        assert torch.allclose(uncond_step, cond_step, atol=1e-6)
+    else:
+        assert torch.equal(uncond_step, torch.zeros_like(uncond_step))
+
+
+def test_hspace_block_is_the_lowest_resolution_in1_and_h_has_its_shape():
+    net = _net()
+    block = hspace_block(net)
+    assert block is net.net.dec["8x8_in1"]
+    rec = HSpaceRecorder()
+    with rec.attached(net):
+        net(torch.zeros(2, 3, 32, 32), torch.ones(2), torch.eye(2))
+    assert rec.h_shapes == [(16, 8, 8)] and rec.h[0].shape == (2, 1024)
+    assert not block._forward_hooks  # detached again
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.5])
+def test_scale_zero_is_bit_identical_and_a_positive_scale_changes_the_samples(guidance):
+    net = _net()
+    cfg = {"name": "edm", "num_steps": 4}
+    sigmas = evaluated_sigmas(cfg, 0.002, 80.0)
+    torch.manual_seed(5)
+    heads = LinearHeads(torch.randn(len(sigmas), 2, 1024), torch.zeros(len(sigmas), 2),
+                        torch.tensor(sigmas, dtype=torch.float64))
+    labels = torch.eye(2)[[0, 0, 0, 0]]
+
+    def run(scale):
+        noise = IndexNoise(7, torch.arange(4), (3, 32, 32))
+        den = guided_denoiser(net, labels, guidance=guidance)
+        if scale is None:
+            return sample(den, noise, cfg, 0.002, 80.0)
+        steer = HSpaceSteerer(heads, "distribution", scale=scale, targets=torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+        with steer.attached(net):
+            out = sample(steer.denoiser(den, 0, torch.zeros(4, dtype=torch.long)), noise, cfg, 0.002, 80.0)
+        assert steer.steered_calls == 7 and not hspace_block(net)._forward_hooks
+        return out
+
+    plain = run(None)
+    assert torch.equal(run(0.0), plain)
+    assert not torch.allclose(run(50.0), plain)
+
+
+def test_a_sigma_without_a_head_inside_the_window_is_an_error_and_outside_is_not_steered():
+    net = _net()
+    heads = LinearHeads(torch.zeros(1, 2, 1024), torch.zeros(1, 2), torch.tensor([80.0], dtype=torch.float64))
+    steer = HSpaceSteerer(heads, "distribution", scale=1.0, targets=torch.tensor([[0.5, 0.5]]))
+    den = steer.denoiser(guided_denoiser(net, torch.eye(2)[[0]]), 0, torch.zeros(1, dtype=torch.long))
+    with steer.attached(net), pytest.raises(ValueError, match="no h-space head for sigma"):
+        den(torch.zeros(1, 3, 32, 32), torch.tensor([1.0]))
+    steer.window = (10.0, 100.0)
+    with steer.attached(net):
+        den(torch.zeros(1, 3, 32, 32), torch.tensor([1.0]))  # outside the window: no head needed
+        den(torch.zeros(1, 3, 32, 32), torch.tensor([80.0]))
+    assert steer.steered_calls == 1
