@@ -17,7 +17,6 @@ from biasamp.sampling.steering import (
     LinearHeads,
     block_means,
     distribution_loss,
-    head_step,
     hspace_block,
 )
 

@@ -143,9 +143,7 @@ _PREPARED: dict[tuple, Any] = {}
 
 def prepared_denoiser(plan: Plan, device: Any) -> Any:
     """The checkpoint's EMA denoiser on ``device`` with the job's speed switches (loaded once per process)."""
-    from biasamp.speed import fast_denoiser
-
-    from biasamp.speed import resolve_switch
+    from biasamp.speed import fast_denoiser, resolve_switch
 
     s = plan.settings
     compile = s.compile

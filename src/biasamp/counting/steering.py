@@ -68,7 +68,7 @@ def resolve_steering(steer: Mapping[str, Any] | None, meta: Mapping[str, Any], c
         return None, None
     path = Path(steer["heads"])
     heads = HeadsFile.load(path)
-    redo = f"train heads for it: python -m biasamp.hspace checkpoint=<this checkpoint> sampler=<this sampler>"
+    redo = "train heads for it: python -m biasamp.hspace checkpoint=<this checkpoint> sampler=<this sampler>"
     if heads.checkpoint_sha256 != checkpoint_sha256:
         raise UsageError(f"steer.heads={path} was trained on checkpoint sha256 {heads.checkpoint_sha256[:12]}..., not "
                          f"on this one ({checkpoint_sha256[:12]}...); {redo}")

@@ -8,7 +8,8 @@ logits z = W h + b over the V values of one bias attribute; p = softmax(z / T) w
 **Distribution guidance** (``mode="distribution"``), per block g of a class's samples (its real rows i in g,
 n_g of them) at every denoiser evaluation inside the sigma window:
 
-    p_hat_g = (1/n_g) sum_i p_i,   L_g = sum_k (p_hat_gk - t_k)^2 / t_k  (chi2)  or  sum_k p_hat_gk log(p_hat_gk/t_k)  (kl)
+    p_hat_g = (1/n_g) sum_i p_i,
+    L_g = sum_k (p_hat_gk - t_k)^2 / t_k  (chi2)   or   sum_k p_hat_gk log(p_hat_gk / t_k)  (kl),
     h_i <- h_i - scale * d(n_g L_g)/d h_i
 
 with t the class's target distribution. The released code steps h_i by a multiple of dL_g/dh_i, which shrinks
