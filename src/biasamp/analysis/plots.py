@@ -163,7 +163,8 @@ def _pad_x(ax: Any, lo: float, hi: float, frac: float = 0.07) -> None:
 
 # ------------------------------------------------------------------------------------------- line plots
 def _line_figure(data: pd.DataFrame, x: str, line_keys: list[str], *, xlabel: str, xscale: str,
-                 reference: str, ci_note: str, width_in: float, title: str | None) -> Figure:
+                 reference: str, ci_note: str, width_in: float, title: str | None,
+                 targets: Sequence[tuple[float, str]] = ()) -> Figure:
     groups = []
     for _, g in data.groupby(line_keys, dropna=False, sort=False) if line_keys else [(None, data)]:
         g = g.sort_values(x)
@@ -206,6 +207,11 @@ def _line_figure(data: pd.DataFrame, x: str, line_keys: list[str], *, xlabel: st
             ax.axhline(float(value), color="0.35", ls=(0, (4, 2)), lw=0.9, zorder=1)
         handles.append(Line2D([], [], color="0.35", ls=(0, (4, 2)), lw=0.9,
                               label=RHO_DATA_LABEL + " (training data)"))
+    for value, _ in targets:  # e.g. a steering target's aligned share
+        ax.axhline(float(value), color="0.15", ls=":", lw=1.1, zorder=1)
+    if targets:
+        handles.append(Line2D([], [], color="0.15", ls=":", lw=1.1,
+                              label="; ".join(f"{label} {value:g}" for value, label in targets)))
     handles.append(Patch(facecolor="0.5", alpha=0.3, lw=0, label=ci_note))
 
     _ticks(ax, data[x].to_numpy(float))
@@ -223,7 +229,7 @@ def _line_figure(data: pd.DataFrame, x: str, line_keys: list[str], *, xlabel: st
 
 def _line_plot(df: pd.DataFrame, x: str, stem: str, out_dir: str | Path, *, xlabel: str, xscale: str,
                reference: str = "rho_data", prefer: Sequence[str] = (), formats: Sequence[str] = ("png", "pdf"),
-               width_in: float = 3.4, dpi: int = 200) -> list[Path]:
+               width_in: float = 3.4, dpi: int = 200, targets: Sequence[tuple[float, str]] = ()) -> list[Path]:
     if x not in df.columns:
         return []
     data = df[df[x].notna() & df["rho_model"].notna()]
@@ -252,7 +258,7 @@ def _line_plot(df: pd.DataFrame, x: str, stem: str, out_dir: str | Path, *, xlab
             if len(_distinct(panel[x])) < 2:
                 continue
             fig = _line_figure(panel, x, line_keys, xlabel=xlabel, xscale=xscale, reference=reference,
-                               ci_note=_ci_note(df), width_in=width_in, title=title)
+                               ci_note=_ci_note(df), width_in=width_in, title=title, targets=targets)
             paths += _save(fig, out_dir / name, formats, dpi)
     return paths
 
@@ -286,6 +292,26 @@ def plot_rho_vs_guidance(df: pd.DataFrame, out_dir: str | Path, **kw: Any) -> li
     return _line_plot(df, "guidance", "rho_vs_guidance", out_dir, xscale="symlog",
                       prefer=("sampler.name", "sampler.solver", "sampler.num_steps"),
                       xlabel="guidance scale w (0 = none; symlog scale)", **kw)
+
+
+def plot_rho_vs_scale(df: pd.DataFrame, out_dir: str | Path, **kw: Any) -> list[Path]:
+    """Dose-response of h-space steering: rho_model against the steering scale (symlog; scale 0 = the unsteered
+    sampler), one line per target and other swept keys, with lines at rho_data and at each target's aligned share
+    (``target_aligned``: the class mean of the target's share of each class's aligned value). Skipped unless a
+    steered job is in ``df``."""
+    from biasamp.analysis.steering import dose_response_frame
+
+    data = dose_response_frame(df)
+    if data.empty:
+        return []
+    targets = []
+    if "target_aligned" in data.columns:
+        for label, value in data.groupby("steer_target")["target_aligned"].first().items():
+            if pd.notna(value) and str(label) != "data":  # the data target is the rho_data line
+                targets.append((float(value), f"target {label}"))
+    return _line_plot(data, "steer_scale", "rho_vs_steer_scale", out_dir, xscale="symlog",
+                      prefer=("sampler.name", "sampler.solver", "sampler.num_steps"),
+                      xlabel="steering scale (0 = unsteered; symlog scale)", targets=targets, **kw)
 
 
 LINE_PLOTS = (plot_rho_vs_rho_data, plot_rho_vs_steps, plot_rho_vs_churn, plot_rho_vs_guidance)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from biasamp.analysis.correction import CONFUSION_MODES
 from biasamp.analysis.intervals import METHODS
-from biasamp.analysis.plots import FIGURE_FORMATS, LINE_PLOTS, plot_count_heatmap, setting_label
+from biasamp.analysis.plots import FIGURE_FORMATS, LINE_PLOTS, plot_count_heatmap, plot_rho_vs_scale, setting_label
 from biasamp.analysis.seeds import plot_frame, seed_table
 from biasamp.analysis.tables import (
     TABLE_FORMATS,
@@ -29,6 +29,7 @@ from biasamp.analysis.tables import (
     per_class_table,
     results_table,
     seeds_table,
+    steering_table,
     swept_keys,
     uncond_table,
     write_tables,
@@ -178,6 +179,7 @@ def build_report(s: Settings) -> dict[str, Any]:
     aggregate = seed_table(df)  # settings counted on models that differ only by their training seed
     seeds = seeds_table(df, aggregate)
     uncond = uncond_table(df)
+    steering = steering_table(df)  # jobs with h-space steering: FD per class, beside rho
     s.out_dir.mkdir(parents=True, exist_ok=True)
     tables = write_tables(results, s.out_dir, "results", s.tables)
     tables += write_tables(per_class, s.out_dir, "per_class", s.tables)
@@ -185,10 +187,16 @@ def build_report(s: Settings) -> dict[str, Any]:
         tables += write_tables(seeds, s.out_dir, "seeds", s.tables)
     if not uncond.empty:  # jobs that sampled the unconditional model
         tables += write_tables(uncond, s.out_dir, "uncond", s.tables)
+    if not steering.empty:
+        tables += write_tables(steering, s.out_dir, "steering", s.tables)
     figures: list[Path] = []
     lines = plot_frame(df, aggregate)  # a replicated setting is one line: its mean over seeds, the aggregate band
     for plot in LINE_PLOTS:
         figures += plot(lines, s.out_dir, formats=s.formats, width_in=s.width_in, dpi=s.dpi)
+    if not steering.empty:  # the dose-response: rho_model against the steering scale, with the targets
+        target = steering.groupby(["sweep", "job_dir"])["target_aligned"].mean().rename("target_aligned")
+        steered = df.join(target, on=["sweep", "job_dir"])
+        figures += plot_rho_vs_scale(steered, s.out_dir, formats=s.formats, width_in=s.width_in, dpi=s.dpi)
     figures += write_heatmaps(df, swept_keys(df), s.out_dir, s)
     written = [*tables, *figures]
     _remove_stale(s.out_dir, written)

@@ -44,10 +44,12 @@ from biasamp.errors import UsageError
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
 KEY_ORDER = ("rho_data", "train_seed", "run", "train_config", "checkpoint", "dataset", "attribute", "sampler.name",
              "sampler.solver", "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
-KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "oracle_options", "class_oracle",
+KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "steer", "steer_target", "steer_scale",
+                  "steer_batch", "steer_temperature", "steer_loss", "steer_branches", "steer_window", "steer_heads",
+                  "oracle", "oracle_options", "class_oracle",
                   "precision", "seed", "n_per_class", "sweep")
 # never shown in a caption: long paths that the run name already stands for
-NOT_NOTED = ("checkpoint", "sweep", "train_config", "oracle_options")  # oracle_options: long JSON, sha256s
+NOT_NOTED = ("checkpoint", "sweep", "train_config", "oracle_options", "steer_heads")  # long JSON, sha256s
 TABLE_FORMATS = ("csv", "md", "tex")
 METHOD_NAMES = {"clopper_pearson": "Clopper–Pearson", "wilson": "Wilson", "jeffreys": "Jeffreys",
                 "bootstrap": "percentile-bootstrap", "t_seeds": "t over training seeds ∪ pooled Clopper–Pearson"}
@@ -62,7 +64,11 @@ LABELS_MD = {"rho_data": "ρ_data", "sampler.name": "sampler", "sampler.solver":
              "invalid_frac": "invalid", "nfe": "NFE", "class": "class", "class_fidelity": "class fidelity",
              "class_oracle": "class oracle", "oracle_options": "oracle options", "train_seed": "training seed",
              "train_config": "training config", "train_seeds": "training seeds", "n_seeds": "seeds",
-             "between_sd": "between-seed SD", "per_seed": "ρ_model per seed", "rho_model_valid": "ρ_model (valid)"}
+             "between_sd": "between-seed SD", "per_seed": "ρ_model per seed", "rho_model_valid": "ρ_model (valid)",
+             "steer": "steering", "steer_target": "target", "steer_scale": "scale", "steer_batch": "B",
+             "steer_temperature": "T", "steer_loss": "loss", "steer_branches": "steered rows",
+             "steer_window": "σ window", "steer_heads": "heads", "target_aligned": "target (aligned)",
+             "fd": "FD", "fd_reference": "FD to"}
 LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\mathrm{data}$ (class)",
               "sampler.s_churn": r"$S_\mathrm{churn}$",
               "sampler.s_min": r"$S_\mathrm{min}$", "sampler.s_max": r"$S_\mathrm{max}$",
@@ -75,7 +81,7 @@ LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\ma
 # a point estimate and the columns of its interval
 INTERVALS = {"rho_model": ("ci_low", "ci_high"), "rho": ("ci_low", "ci_high"),
              "rho_corrected": ("rho_corrected_low", "rho_corrected_high"),
-             "class_fidelity": ("class_fidelity_low", "class_fidelity_high")}
+             "class_fidelity": ("class_fidelity_low", "class_fidelity_high"), "fd": ("fd_low", "fd_high")}
 # kept in the CSV, left out of Markdown/LaTeX
 HIDDEN_IN_TEXT = ("n_aligned", "n_invalid", "ci_method", "ci_level", "sweep", "job_dir", "delta_low", "delta_high",
                   "rho_model_valid", "rho_min", "rho_max")
@@ -419,6 +425,31 @@ def per_class_table(df: pd.DataFrame, confusion: str | None = None) -> pd.DataFr
     return out
 
 
+def steering_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per class of every job of a sweep with h-space steering: the swept keys, class, rho (aligned share) with
+    its Clopper-Pearson interval, the target's aligned share, FD = ||p_hat - target||_2 with its interval
+    (analysis.steering; unsteered jobs against the uniform distribution) and the invalid share. Empty when no
+    job was steered."""
+    from biasamp.analysis.steering import fd_rows, has_steering, steering_frame
+
+    if not has_steering(df):
+        return pd.DataFrame()
+    level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
+    frame = steering_frame(df)
+    keys = [k for k in swept_keys(frame) if k != "rho_data"]
+    parts = []
+    for _, row in _sort(frame, keys).iterrows():
+        table = pd.DataFrame(fd_rows(load_job(row), level))
+        for key in reversed(keys):
+            table.insert(0, key, row[key])
+        table["job_dir"], table["sweep"] = row["job_dir"], row["sweep"]
+        table["ci_method"], table["ci_level"] = "clopper_pearson", level
+        parts.append(table)
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs.update(_caption_attrs(frame, keys, "steering", False))
+    return out
+
+
 def seeds_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per setting counted on models that differ only by their training seed (analysis.seeds): the
     swept keys of those rows, rho_data, rho_model (mean over seeds) with its seed-aggregate interval, delta with
@@ -568,7 +599,16 @@ def _caption(table: pd.DataFrame, tex: bool) -> str:
         text = (f"Bias-attribute distribution of the unconditional samples (class uncond): each value's share (ρ) "
                 f"with {pct}{percent} {method} intervals.")
         return text.replace("(ρ)", r"($\rho$)").replace("Clopper–Pearson", "Clopper--Pearson") if tex else text
-    if a.get("kind") == "per_class":
+    if a.get("kind") == "steering":
+        text = (f"h-space steering per class: share of bias-aligned samples (ρ) with {pct}{percent} Clopper{dash}"
+                f"Pearson intervals; target (aligned): the steering target's share of the class's aligned value; FD "
+                f"= ‖p̂ {minus} target‖₂ over the bias values' shares (unsteered jobs against the uniform "
+                f"distribution, as Balancing Act reports FD) with a {pct}{percent} interval (the image of the "
+                f"Clopper{dash}Pearson interval with two values; a Bonferroni box over the values with more); "
+                "invalid: share the oracle could not classify (counted in ρ and FD).")
+        if tex:
+            text = text.replace("(ρ)", r"($\rho$)").replace("‖p̂ $-$ target‖₂", r"$\|\hat p - t\|_2$")
+    elif a.get("kind") == "per_class":
         text = (f"Share of bias-aligned samples per class (ρ) with {pct}{percent} {method} intervals; "
                 f"{rho_data} (class): the class's bias-aligned share in the training data.")
         if tex:

@@ -2,7 +2,8 @@
 
 One JSON object with the keys of :class:`JobMeta` (``META_KEYS``): the checkpoint (path, sha256, run name,
 images trained, whether it was finished and whether that was allowed), rho_data, the dataset and its summary,
-the class names, the resolved sampler, guidance, oracle (options, attributes, value names, measured confusion)
+the class names, the resolved sampler, guidance, h-space steering (mode, per-class targets, scale, block size,
+heads file), oracle (options, attributes, value names, measured confusion)
 and class oracle, the precision, seed, n per class and each row's sample-index range, the job's identity, NFE,
 wall time, images/s, batch size, world size, device, library versions, rho_model and the printed summary.
 
@@ -46,6 +47,7 @@ class JobMeta:
     guidance_uncond: str | None = None
     guidance_interval: list[float] | None = None
     class_oracle: dict[str, Any] | None = None  # see class_oracle_entry
+    steering: dict[str, Any] | None = None  # h-space steering as resolved (counting.steering) + the heads path
     precision: str | None = None
     seed: int | None = None
     n_per_class: int | None = None

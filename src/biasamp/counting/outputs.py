@@ -73,6 +73,17 @@ def train_config(plan: Plan) -> str:
     return identity_hash(seed_free_identity(plan.meta)) if plan.meta.get("identity") else ""
 
 
+def steer_columns(steering: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The STEER_COLUMNS of results.csv for a steered job (None for an unsteered one)."""
+    if steering is None:
+        return None
+    window = steering.get("sigma_window")
+    return {"steer": steering["mode"], "steer_target": steering["target"], "steer_scale": steering["scale"],
+            "steer_batch": steering.get("batch", 1), "steer_temperature": steering["temperature"],
+            "steer_loss": steering.get("loss", ""), "steer_branches": steering["branches"],
+            "steer_window": json.dumps(window) if window else "", "steer_heads": steering["heads_sha256"][:12]}
+
+
 def _table(plan: Plan, state: CountState) -> pd.DataFrame:
     return counts_table(state, plan.row_names, list(plan.oracle.attributes), [list(v) for v in plan.oracle.value_names])
 
@@ -155,6 +166,7 @@ def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path,
     if stats.steady_images_per_s is not None:  # where compile time goes: the first batch, then the warm speed
         summary += f" (first batch {stats.first_batch_s:.1f} s, then {stats.steady_images_per_s:.1f} img/s)"
     interval = list(s.guidance_interval) if s.guidance_interval else None
+    steering = None if plan.steering is None else {**plan.steering, "heads": str(s.steer["heads"])}
     meta = JobMeta(
         checkpoint=str(plan.checkpoint), checkpoint_sha256=plan.checkpoint_sha256,
         checkpoint_finished=bool(plan.meta["finished"]), allow_unfinished=s.allow_unfinished, run=plan.run,
@@ -165,7 +177,7 @@ def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path,
         oracle=oracle_entry(s.oracle, plan.oracle.attributes, plan.oracle.value_names, plan.oracle.confusion),
         class_oracle=None if fidelity is None else class_oracle_entry(
             str(s.class_oracle), getattr(plan.oracle, "class_confusion", None), fidelity_figures),
-        precision=s.precision, seed=s.seed, n_per_class=s.n_per_class,
+        steering=steering, precision=s.precision, seed=s.seed, n_per_class=s.n_per_class,
         rows=[row_entry(r.name, r.class_index, state.done[r.name]) for r in plan.rows],
         identity=plan.identity, identity_hash=identity_hash(plan.identity), nfe_per_image=nfe,
         wall_time_s=wall_time_s, images_this_session=stats.images, images_per_s=images_per_s,
@@ -184,7 +196,7 @@ def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path,
         n_per_class=s.n_per_class, n=est[a].n, n_aligned=est[a].n_aligned, rho_model=est[a].rho_model,
         ci_low=est[a].ci_low, ci_high=est[a].ci_high, ci_method=est[a].ci_method, ci_level=est[a].ci_level,
         delta=est[a].rho_model - rho_data[a], n_invalid=n_invalid, rho_model_valid=est_valid[a].rho_model,
-        nfe=nfe, images_per_s=images_per_s, fidelity=fidelity_figures,
+        nfe=nfe, images_per_s=images_per_s, fidelity=fidelity_figures, steering=steer_columns(plan.steering),
     ) for a in attributes])
     print(summary)
     return meta

@@ -1,9 +1,10 @@
 """``results.csv`` of a sweep folder: one row per (checkpoint, setting, bias attribute); its one writer and reader.
 
 Columns, in this order (``results_columns``): ``HEAD_COLUMNS``, then one ``sampler.<key>`` column per parameter of
-the sampler family, then ``SETTING_COLUMNS``, ``ESTIMATE_COLUMNS``, the class-fidelity columns
-(``FIDELITY_COLUMNS``, only for jobs counted with a class oracle) and ``SPEED_COLUMNS``. An ``attribute`` column
-names the bias attribute (Multi-Color MNIST has ``left`` and ``right``); ``train_seed`` and ``train_config`` (the
+the sampler family, then ``SETTING_COLUMNS``, the steering columns (``STEER_COLUMNS``, only for jobs counted
+with h-space steering: mode, target label, scale, block size B, temperature, loss, branches, sigma window as
+JSON, the heads file's sha256), ``ESTIMATE_COLUMNS``, the class-fidelity columns (``FIDELITY_COLUMNS``, only for
+jobs counted with a class oracle) and ``SPEED_COLUMNS``. An ``attribute`` column names the bias attribute (Multi-Color MNIST has ``left`` and ``right``); ``train_seed`` and ``train_config`` (the
 hash of the training run's identity without its seeds) and ``n_img`` (how far the checkpoint was trained) let the
 report find models that differ only by training seed; ``rho_data`` is the class mean of the counted classes'
 training shares (as rho_model weighs classes equally); ``precision`` is the resolved one (fp32 | bf16). The file is
@@ -33,6 +34,8 @@ SETTING_COLUMNS = ("guidance", "guidance_uncond", "guidance_interval", "oracle",
                    "precision", "seed", "n_per_class")
 ESTIMATE_COLUMNS = ("n", "n_aligned", "rho_model", "ci_low", "ci_high", "ci_method", "ci_level", "delta",
                     "n_invalid", "rho_model_valid")
+STEER_COLUMNS = ("steer", "steer_target", "steer_scale", "steer_batch", "steer_temperature", "steer_loss",
+                 "steer_branches", "steer_window", "steer_heads")
 FIDELITY_COLUMNS = ("class_fidelity", "class_fidelity_low", "class_fidelity_high", "class_fidelity_n",
                     "class_fidelity_k")
 SPEED_COLUMNS = ("nfe", "images_per_s")
@@ -77,14 +80,17 @@ class ResultsRow:
     nfe: float | None
     images_per_s: float | None
     fidelity: Mapping[str, Any] | None = None
+    steering: Mapping[str, Any] | None = None  # STEER_COLUMNS of a steered job (counting.steering), else None
 
     def record(self) -> dict[str, Any]:
         """The row as {column: value} in results.csv's column order."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         sampler = {f"{SAMPLER_PREFIX}{k}": v for k, v in values.pop("sampler").items()}
         fidelity = dict(values.pop("fidelity") or {})
+        steering = dict(values.pop("steering") or {})
         return {**{c: values[c] for c in HEAD_COLUMNS}, **sampler,
-                **{c: values[c] for c in (*SETTING_COLUMNS, *ESTIMATE_COLUMNS)},
+                **{c: values[c] for c in SETTING_COLUMNS}, **{c: steering[c] for c in STEER_COLUMNS if c in steering},
+                **{c: values[c] for c in ESTIMATE_COLUMNS},
                 **{c: fidelity[c] for c in FIDELITY_COLUMNS if c in fidelity},
                 **{c: values[c] for c in SPEED_COLUMNS}}
 
@@ -94,13 +100,15 @@ def results_columns(columns: Iterable[str]) -> list[str]:
     other column (from an older or newer writer) in the order given."""
     columns = list(dict.fromkeys(columns))
     sampler = [c for c in columns if c.startswith(SAMPLER_PREFIX)]
-    declared = [*HEAD_COLUMNS, *sampler, *SETTING_COLUMNS, *ESTIMATE_COLUMNS, *FIDELITY_COLUMNS, *SPEED_COLUMNS]
+    declared = [*HEAD_COLUMNS, *sampler, *SETTING_COLUMNS, *STEER_COLUMNS, *ESTIMATE_COLUMNS, *FIDELITY_COLUMNS,
+                *SPEED_COLUMNS]
     return [c for c in declared if c in columns] + [c for c in columns if c not in declared]
 
 
 # columns read as text whatever they look like: an 8-hex hash such as 123e4567 or 01234567 is not a number
 TEXT_COLUMNS = ("job_dir", "run", "checkpoint", "train_config", "dataset", "attribute", "guidance_uncond",
-                "guidance_interval", "oracle", "oracle_options", "class_oracle", "precision", "ci_method")
+                "guidance_interval", "oracle", "oracle_options", "class_oracle", "precision", "ci_method", "steer",
+                "steer_target", "steer_loss", "steer_branches", "steer_window", "steer_heads")
 
 
 def read_results_csv(path: str | Path) -> pd.DataFrame:
