@@ -7,7 +7,7 @@ SMOKE  ?= 0
 SEEDS  ?= 1
 
 .PHONY: help install test test-slow test-gpu lint quickstart clean \
-	paper-bmnist paper-bmnist-2class paper-steps paper-guidance paper-multicolor
+	paper-bmnist paper-bmnist-2class paper-steps paper-guidance paper-multicolor mitigation-balancing
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ paper-guidance:  ## guidance w in {0 .. 10} (GPU; SMOKE=1: tiny CPU run)
 
 paper-multicolor:  ## Multi-Color MNIST, left/right rho in {0.95, 0.99} x guidance (GPU; SMOKE=1: tiny CPU run)
 	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-multicolor/run.sh
+
+mitigation-balancing:  ## Balancing Act: h-space heads + distribution guidance on the quick-start model (CPU, about 20 min; SMOKE=1: tiny)
+	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/mitigation-balancing/run.sh
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache

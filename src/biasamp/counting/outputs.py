@@ -81,7 +81,8 @@ def steer_columns(steering: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"steer": steering["mode"], "steer_target": steering["target"], "steer_scale": steering["scale"],
             "steer_batch": steering.get("batch", 1), "steer_temperature": steering["temperature"],
             "steer_loss": steering.get("loss", ""), "steer_branches": steering["branches"],
-            "steer_window": json.dumps(window) if window else "", "steer_heads": steering["heads_sha256"][:12]}
+            "steer_window": json.dumps(window) if window else "",
+            "steer_heads": f"{steering['h_source']}:{steering['heads_sha256'][:8]}"}
 
 
 def _table(plan: Plan, state: CountState) -> pd.DataFrame:

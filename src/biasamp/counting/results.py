@@ -3,14 +3,14 @@
 Columns, in this order (``results_columns``): ``HEAD_COLUMNS``, then one ``sampler.<key>`` column per parameter of
 the sampler family, then ``SETTING_COLUMNS``, the steering columns (``STEER_COLUMNS``, only for jobs counted with
 h-space steering: mode, target label, scale, block size B, temperature, loss, branches, sigma window as JSON, the
-heads file's sha256), ``ESTIMATE_COLUMNS``, the class-fidelity columns (``FIDELITY_COLUMNS``, only for jobs counted
-with a class oracle) and ``SPEED_COLUMNS``. An ``attribute`` column names the bias attribute (Multi-Color MNIST has
-``left`` and ``right``); ``train_seed`` and ``train_config`` (the hash of the training run's identity without its
-seeds) and ``n_img`` (how far the checkpoint was trained) let the report find models that differ only by training
-seed; ``rho_data`` is the class mean of the counted classes' training shares (as rho_model weighs classes equally);
-``precision`` is the resolved one (fp32 | bf16). The file is updated under a file lock and a job's rows are
-replaced, never duplicated, when the job is written again. Only empty cells are missing values: ``null``
-(guidance_uncond) stays a string. Torch-free: the report reads it.
+heads file's h source and sha256), ``ESTIMATE_COLUMNS``, the class-fidelity columns (``FIDELITY_COLUMNS``, only for
+jobs counted with a class oracle) and ``SPEED_COLUMNS``. An ``attribute`` column names the bias attribute (Multi-
+Color MNIST has ``left`` and ``right``); ``train_seed`` and ``train_config`` (the hash of the training run's
+identity without its seeds) and ``n_img`` (how far the checkpoint was trained) let the report find models that
+differ only by training seed; ``rho_data`` is the class mean of the counted classes' training shares (as rho_model
+weighs classes equally); ``precision`` is the resolved one (fp32 | bf16). The file is updated under a file lock and
+a job's rows are replaced, never duplicated, when the job is written again. Only empty cells are missing values:
+``null`` (guidance_uncond) stays a string. Torch-free: the report reads it.
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def resolve_steering(steer: Mapping[str, Any] | None, meta: Mapping[str, Any], c
                          f"{trained.get('name')} with {trained.get('num_steps')} steps; {redo}, or narrow "
                          "steer.sigma_window")
     entry: dict[str, Any] = {
-        "mode": steer["mode"], "heads_sha256": _sha256(path), "attribute": heads.attribute,
+        "mode": steer["mode"], "heads_sha256": _sha256(path), "h_source": heads.settings.get("h_source"),
+        "attribute": heads.attribute,
         "scale": float(steer["scale"]), "temperature": float(steer["temperature"]),
         "sigma_window": [lo, hi] if window else None, "branches": steer["branches"],
     }

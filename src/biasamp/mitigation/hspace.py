@@ -320,3 +320,18 @@ def plot_accuracy(heads: Sequence[HeadsFile], path: Path, labels: Sequence[str] 
     fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=150)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv: Sequence[str]) -> None:
+    """``python -m biasamp.mitigation.hspace <out.png> <heads.pt> [<heads.pt> ...]``: their accuracy curves in
+    one figure (labelled by each file's h source)."""
+    if len(argv) < 2:
+        raise SystemExit("usage: python -m biasamp.mitigation.hspace <out.png> <heads.pt> [<heads.pt> ...]")
+    plot_accuracy([HeadsFile.load(p) for p in argv[1:]], Path(argv[0]))
+    print(f"biasamp.mitigation.hspace: {argv[0]}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
