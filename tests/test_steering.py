@@ -193,3 +193,23 @@ def test_a_sigma_without_a_head_inside_the_window_is_an_error_and_outside_is_not
         den(torch.zeros(1, 3, 32, 32), torch.tensor([1.0]))  # outside the window: no head needed
         den(torch.zeros(1, 3, 32, 32), torch.tensor([80.0]))
     assert steer.steered_calls == 1
+
+
+def test_steering_runs_under_bf16_autocast_and_scale_zero_matches_the_unsteered_bf16_sampler():
+    from biasamp.speed import FastDenoiser
+
+    fast = FastDenoiser(_net(), precision="bf16")
+    cfg = {"name": "edm", "num_steps": 3, "solver": "euler"}
+    sigmas = evaluated_sigmas(cfg, 0.002, 80.0)
+    heads = LinearHeads(torch.randn(len(sigmas), 2, 1024), torch.zeros(len(sigmas), 2),
+                        torch.tensor(sigmas, dtype=torch.float64))
+    labels = torch.eye(2)[[1, 1]]
+    noise = IndexNoise(2, torch.arange(2), (3, 32, 32))
+    plain = sample(guided_denoiser(fast, labels), noise, cfg, 0.002, 80.0)
+    for scale, same in ((0.0, True), (50.0, False)):
+        steer = HSpaceSteerer(heads, "distribution", scale=scale, targets=torch.full((2, 2), 0.5))
+        with steer.attached(fast):
+            out = sample(steer.denoiser(guided_denoiser(fast, labels), 1, torch.zeros(2, dtype=torch.long)), noise,
+                         cfg, 0.002, 80.0)
+        assert out.dtype == torch.float32 and steer.steered_calls == 3
+        assert torch.equal(out, plain) == same
