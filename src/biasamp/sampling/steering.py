@@ -60,6 +60,16 @@ def hspace_block(denoiser: object) -> nn.Module:
     return dec[names[0]]
 
 
+@contextlib.contextmanager
+def hooked(denoiser: object, hook: Callable) -> Iterator[None]:
+    """A forward hook on the h-space block of ``denoiser`` for the duration of a ``with`` block."""
+    handle = hspace_block(denoiser).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def matching_head(sigmas: Tensor, sigma: float) -> int | None:
     """Index of the head whose sigma equals ``sigma`` within SIGMA_RTOL, or None."""
     rel = (sigmas.double() - float(sigma)).abs() / max(abs(float(sigma)), 1e-12)
@@ -183,13 +193,9 @@ class HSpaceSteerer:
         self.steered_calls += 1
         return output + step.reshape(output.shape).to(output.dtype)  # h ← h − scale ∇_h
 
-    @contextlib.contextmanager
-    def attached(self, denoiser: object) -> Iterator[HSpaceSteerer]:
-        handle = hspace_block(denoiser).register_forward_hook(self.hook)
-        try:
-            yield self
-        finally:
-            handle.remove()
+    def attached(self, denoiser: object) -> contextlib.AbstractContextManager:
+        """``with steerer.attached(net):`` the hook edits h of every forward of ``net``."""
+        return hooked(denoiser, self.hook)
 
 
 class HSpaceRecorder:
@@ -203,10 +209,6 @@ class HSpaceRecorder:
         self.h.append(output.reshape(output.shape[0], -1).to(torch.float32))
         self.h_shapes.append(tuple(output.shape[1:]))
 
-    @contextlib.contextmanager
-    def attached(self, denoiser: object) -> Iterator[HSpaceRecorder]:
-        handle = hspace_block(denoiser).register_forward_hook(self.hook)
-        try:
-            yield self
-        finally:
-            handle.remove()
+    def attached(self, denoiser: object) -> contextlib.AbstractContextManager:
+        """``with recorder.attached(net):`` h of every forward of ``net`` is recorded."""
+        return hooked(denoiser, self.hook)
