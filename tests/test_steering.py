@@ -213,3 +213,17 @@ def test_steering_runs_under_bf16_autocast_and_scale_zero_matches_the_unsteered_
                          cfg, 0.002, 80.0)
         assert out.dtype == torch.float32 and steer.steered_calls == 3
         assert torch.equal(out, plain) == same
+
+
+def test_trace_is_the_heads_mean_probability_per_class_and_sigma_before_the_step():
+    torch.manual_seed(6)
+    h, w, b = torch.randn(6, 4), torch.randn(2, 4), torch.randn(2)
+    heads = LinearHeads(torch.stack([w, w]), torch.stack([b, b]), torch.tensor([2.0, 1.0], dtype=torch.float64))
+    steer = HSpaceSteerer(heads, "distribution", scale=1.0, temperature=4.0, targets=torch.full((2, 2), 0.5))
+    groups = torch.tensor([0, 0, 0, 1, 1, -1])
+    steer.delta(h, 1, 0, groups, 2)
+    steer.delta(h, 0, 0, groups, 2)
+    p = torch.softmax((h[:5] @ w.T + b) / 4.0, dim=1).mean(dim=0)
+    (first, second) = steer.trace_table(["a", "b"])
+    assert (first["class"], first["sigma"], first["rows"]) == ("a", 2.0, 5) and second["sigma"] == 1.0
+    assert first["p"] == pytest.approx(p.tolist(), abs=1e-4)

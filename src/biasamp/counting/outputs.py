@@ -120,7 +120,7 @@ def outputs_in_place(plan: Plan, state: CountState, job_dir: Path, sweep_dir: Pa
 
 
 def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path, sweep_dir: Path,
-                  world: int = 1, device: str = "cpu") -> JobMeta:
+                  world: int = 1, device: str = "cpu", steering_trace: list | None = None) -> JobMeta:
     """Write counts.csv (+ matrices), meta.json and the job's results.csv rows from ``state``; print and
     return the summary's meta. ``stats`` describes this session's sampling (none: a restore)."""
     s = plan.settings
@@ -168,6 +168,11 @@ def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path,
         summary += f" (first batch {stats.first_batch_s:.1f} s, then {stats.steady_images_per_s:.1f} img/s)"
     interval = list(s.guidance_interval) if s.guidance_interval else None
     steering = None if plan.steering is None else {**plan.steering, "heads": str(s.steer["heads"])}
+    if steering is not None:  # the heads' view of the steered rows of this session (rank 0's rows)
+        if steering_trace is None:
+            with contextlib.suppress(UsageError, TypeError, AttributeError):
+                steering_trace = (read_meta(job_dir).steering or {}).get("trace")
+        steering["trace"] = steering_trace
     meta = JobMeta(
         checkpoint=str(plan.checkpoint), checkpoint_sha256=plan.checkpoint_sha256,
         checkpoint_finished=bool(plan.meta["finished"]), allow_unfinished=s.allow_unfinished, run=plan.run,

@@ -246,7 +246,11 @@ def _sample(plan: Plan, state: CountState, job_dir: Path) -> JobMeta | None:
     state.save(job_dir)
     if s.save_grid and s.grid_per_class > 0 and not (job_dir / GRID_NAME).is_file():
         _save_grid(setup, plan.rows, s.grid_per_class, job_dir / GRID_NAME)
-    return write_outputs(plan, state, stats, job_dir, job_dir.parent, world=world, device=str(fabric.device))
+    trace = None
+    if setup.steerer is not None and stats.images:
+        trace = setup.steerer.trace_table([str(c) for c in plan.meta["class_names"]])
+    return write_outputs(plan, state, stats, job_dir, job_dir.parent, world=world, device=str(fabric.device),
+                         steering_trace=trace)
 
 
 def _save_grid(setup: CountSetup, rows: list[Row], per_row: int, path: Path) -> None:

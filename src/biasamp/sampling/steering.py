@@ -139,6 +139,7 @@ class HSpaceSteerer:
         self.targets = None if targets is None else targets.to(torch.float32)
         self.target_value = target_value
         self.steered_calls = 0
+        self.trace: dict[tuple[int, int], tuple[Tensor, int]] = {}  # (class, head) -> (Σ p, rows); trace_table
         self._active: tuple[int, int, Tensor, int] | None = None  # (head, class index, groups, G) during a call
 
     def denoiser(self, inner: Callable[[Tensor, Tensor], Tensor], class_index: int, groups: Tensor
@@ -173,8 +174,22 @@ class HSpaceSteerer:
             p = torch.softmax((h @ weight.T + bias) / self.temperature, dim=1)
             target = self.targets[class_index].to(h.device).expand(max(n_groups, 1), -1)
             u = distribution_u(block_means(p, groups, n_groups), target, self.loss)[groups.clamp_min(0)]
-        grad, _ = head_step(h, weight, bias, self.temperature, u)
+        grad, p = head_step(h, weight, bias, self.temperature, u)
+        key = (class_index, head)  # the heads' view before the step: Σ over real rows of p, and their number
+        total, rows = self.trace.get(key, (torch.zeros(p.shape[1], dtype=torch.float64), 0))
+        self.trace[key] = (total + p[real].sum(dim=0).double().cpu(), rows + int(real.sum()))
         return -grad * real.unsqueeze(1).to(grad.dtype)
+
+    def trace_table(self, class_names: list[str]) -> list[dict]:
+        """The heads' mean p (at temperature T, before each step) per class and steered sigma, over the rows this
+        process steered: [{class, sigma, p: [V shares], rows}], sigma decreasing. It shows where the heads
+        consider the target met (compare with the oracle's counts)."""
+        out = []
+        for (c, head), (total, rows) in sorted(self.trace.items(), key=lambda kv: (kv[0][0], -float(
+                self.heads.sigmas[kv[0][1]]))):
+            out.append({"class": class_names[c], "sigma": float(self.heads.sigmas[head]),
+                        "p": [round(float(x), 4) for x in total / max(rows, 1)], "rows": rows})
+        return out
 
     def hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
         if self._active is None:
