@@ -164,7 +164,7 @@ def _pad_x(ax: Any, lo: float, hi: float, frac: float = 0.07) -> None:
 # ------------------------------------------------------------------------------------------- line plots
 def _line_figure(data: pd.DataFrame, x: str, line_keys: list[str], *, xlabel: str, xscale: str,
                  reference: str, ci_note: str, width_in: float, title: str | None,
-                 targets: Sequence[tuple[float, str]] = ()) -> Figure:
+                 targets: Sequence[tuple[float, str]] = (), linthresh: float = 0.1) -> Figure:
     groups = []
     for _, g in data.groupby(line_keys, dropna=False, sort=False) if line_keys else [(None, data)]:
         g = g.sort_values(x)
@@ -179,7 +179,7 @@ def _line_figure(data: pd.DataFrame, x: str, line_keys: list[str], *, xlabel: st
     if xscale == "log":
         ax.set_xscale("log")
     elif xscale == "symlog":
-        ax.set_xscale("symlog", linthresh=0.1, linscale=0.5)
+        ax.set_xscale("symlog", linthresh=linthresh, linscale=0.5)
     handles: list[Any] = []
     band_alpha = 0.18 if len(groups) <= 3 else 0.12 if len(groups) <= 6 else 0.08  # many bands: lighter
     for i, (group, (colour, marker, ls)) in enumerate(zip(groups, styles, strict=True)):
@@ -229,7 +229,8 @@ def _line_figure(data: pd.DataFrame, x: str, line_keys: list[str], *, xlabel: st
 
 def _line_plot(df: pd.DataFrame, x: str, stem: str, out_dir: str | Path, *, xlabel: str, xscale: str,
                reference: str = "rho_data", prefer: Sequence[str] = (), formats: Sequence[str] = ("png", "pdf"),
-               width_in: float = 3.4, dpi: int = 200, targets: Sequence[tuple[float, str]] = ()) -> list[Path]:
+               width_in: float = 3.4, dpi: int = 200, targets: Sequence[tuple[float, str]] = (),
+               linthresh: float = 0.1) -> list[Path]:
     if x not in df.columns:
         return []
     data = df[df[x].notna() & df["rho_model"].notna()]
@@ -258,7 +259,8 @@ def _line_plot(df: pd.DataFrame, x: str, stem: str, out_dir: str | Path, *, xlab
             if len(_distinct(panel[x])) < 2:
                 continue
             fig = _line_figure(panel, x, line_keys, xlabel=xlabel, xscale=xscale, reference=reference,
-                               ci_note=_ci_note(df), width_in=width_in, title=title, targets=targets)
+                               ci_note=_ci_note(df), width_in=width_in, title=title, targets=targets,
+                               linthresh=linthresh)
             paths += _save(fig, out_dir / name, formats, dpi)
     return paths
 
@@ -309,9 +311,11 @@ def plot_rho_vs_scale(df: pd.DataFrame, out_dir: str | Path, **kw: Any) -> list[
         for label, value in data.groupby("steer_target")["target_aligned"].first().items():
             if pd.notna(value) and str(label) != "data":  # the data target is the rho_data line
                 targets.append((float(value), f"target {label}"))
+    positive = data.loc[data["steer_scale"] > 0, "steer_scale"]
     return _line_plot(data, "steer_scale", "rho_vs_steer_scale", out_dir, xscale="symlog",
                       prefer=("sampler.name", "sampler.solver", "sampler.num_steps"),
-                      xlabel="steering scale (0 = unsteered; symlog scale)", targets=targets, **kw)
+                      xlabel="steering scale (0 = unsteered; symlog scale)", targets=targets,
+                      linthresh=float(positive.min()) if len(positive) else 0.1, **kw)
 
 
 LINE_PLOTS = (plot_rho_vs_rho_data, plot_rho_vs_steps, plot_rho_vs_churn, plot_rho_vs_guidance)

@@ -191,6 +191,8 @@ def build_report(s: Settings) -> dict[str, Any]:
         tables += write_tables(steering, s.out_dir, "steering", s.tables)
     figures: list[Path] = []
     lines = plot_frame(df, aggregate)  # a replicated setting is one line: its mean over seeds, the aggregate band
+    if not steering.empty:  # steered jobs have their own figure (against the scale); the others show the rest
+        lines = lines[lines["steer"].isna()] if "steer" in lines.columns else lines
     for plot in LINE_PLOTS:
         figures += plot(lines, s.out_dir, formats=s.formats, width_in=s.width_in, dpi=s.dpi)
     if not steering.empty:  # the dose-response: rho_model against the steering scale, with the targets

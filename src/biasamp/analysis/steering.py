@@ -110,23 +110,27 @@ def fd_rows(job: Any, level: float) -> list[dict[str, Any]]:
 
 
 def dose_response_frame(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the dose-response figure: every steered row, and each unsteered row once per steering target
-    of the steered rows with the same other settings, at scale 0 (scale 0 samples exactly what the unsteered
-    sampler does)."""
+    """The rows of the dose-response figure: every steered row, and each unsteered row once per line of steered
+    rows (the same steering settings but the scale) counted with the same sampler, guidance and model, at scale 0
+    (scale 0 samples exactly what the unsteered sampler does)."""
     frame = steering_frame(df)
     steered = frame[frame["steer"] != "none"]
     plain = frame[frame["steer"] == "none"]
     if steered.empty:
         return steered
     parts = [steered]
-    for target in pd.unique(steered["steer_target"].astype(str)):
-        for mode in pd.unique(steered.loc[steered["steer_target"].astype(str) == target, "steer"]):
-            copy = plain.copy()
-            copy["steer"], copy["steer_target"] = mode, target
-            for key in ("steer_batch", "steer_temperature", "steer_loss", "steer_branches", "steer_window",
-                        "steer_heads"):
-                if key in steered.columns:
-                    same = steered.loc[steered["steer_target"].astype(str) == target, key].dropna().unique()
-                    copy[key] = same[0] if len(same) == 1 else copy.get(key)
-            parts.append(copy)
+    line = [k for k in ("steer", "steer_target", "steer_batch", "steer_temperature", "steer_loss", "steer_branches",
+                        "steer_window", "steer_heads") if k in steered.columns]
+    setting = [k for k in frame.columns if k.startswith("sampler.") or k in ("guidance", "run", "attribute")]
+
+    def keys(rows: pd.DataFrame) -> pd.Series:
+        text = rows[setting].apply(lambda col: col.map(str))  # NaN as "nan": every cell a string
+        return text.agg("|".join, axis=1) if setting else pd.Series("", index=rows.index)
+
+    plain_keys = keys(plain)
+    for values, group in steered.groupby(line, dropna=False, sort=False):  # one scale-0 point per steered line
+        copy = plain[plain_keys.isin(set(keys(group)))].copy()  # counted with the line's sampler, w and model
+        for key, value in zip(line, values, strict=True):
+            copy[key] = value
+        parts.append(copy)
     return pd.concat(parts, ignore_index=True)
