@@ -98,8 +98,8 @@ def test_smoke_mitigation_balancing_runs_end_to_end(tmp_path):
     assert (smoke / "hspace" / "balancing_smoke-edm4-accuracy.png").stat().st_size > 0
     sweep = smoke / "count" / "mitigation-balancing"
     results = pd.read_csv(sweep / "results.csv", keep_default_na=False, na_values=[""])
-    # 2 unsteered (w 0, 1) + noised heads 2 targets x 2 scales x 2 w + inversion heads 2 scales
-    assert len(results) == 2 + 8 + 2
+    # 2 unsteered (w 0, 1) + noised heads 2 targets x 2 w (scale 1000) + inversion heads (w 0)
+    assert len(results) == 2 + 4 + 1
     steered = results[results["steer"].notna()]
     assert sorted(set(steered["steer_target"])) == ["data", "uniform"]
     assert set(h.split(":")[0] for h in steered["steer_heads"]) == {"noised", "inversion"}

@@ -11,7 +11,7 @@ source "$(dirname "$0")/../common.sh"
 SWEEP=mitigation-balancing
 if [ "$SMOKE" = "1" ]; then
     TRAIN=(experiment=quickstart trainer.max_steps=2 batch_size=16 name=balancing_smoke)
-    RUN=balancing_smoke; STEPS=4; N=4; B=4; SCALES=0,1000; W=0,1; HEADS=(steps=30 max_per_group=20)
+    RUN=balancing_smoke; STEPS=4; N=4; B=4; SCALES=1000; W=0,1; HEADS=(steps=30 max_per_group=20)
 else
     TRAIN=(experiment=quickstart)
     RUN=quickstart_rho0.9_seed0; STEPS=18; N=200; B=100; SCALES=100,300,1000,3000,10000; W=0,1; HEADS=()
