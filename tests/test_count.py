@@ -61,9 +61,9 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
         "checkpoint", "checkpoint_sha256", "checkpoint_finished", "allow_unfinished", "run", "n_img_trained",
         "dataset", "dataset_summary", "rho_data", "rho_data_by_attribute", "class_names", "model", "sampler",
         "guidance", "guidance_uncond", "guidance_interval", "oracle", "class_oracle", "steering", "precision",
-        "seed", "n_per_class", "rows", "identity", "identity_hash", "nfe_per_image", "wall_time_s", "images_this_session",
-        "images_per_s", "first_batch_s", "steady_images_per_s", "batch_size", "world_size", "device", "versions",
-        "finished_at", "rho_model", "rho_model_by_attribute", "summary"])
+        "seed", "n_per_class", "rows", "identity", "identity_hash", "nfe_per_image", "wall_time_s",
+        "images_this_session", "images_per_s", "first_batch_s", "steady_images_per_s", "batch_size", "world_size",
+        "device", "versions", "finished_at", "rho_model", "rho_model_by_attribute", "summary"])
     assert job.name.endswith("-" + meta["identity_hash"]) and meta["identity"]["checkpoint_sha256"] == \
         meta["checkpoint_sha256"] and "checkpoint" not in meta["identity"]
     assert sorted(json.loads((job / "state.json").read_text())) == [

@@ -65,7 +65,7 @@ def test_fd_interval_of_three_values_covers_by_simulation():
     for p in (np.array([1, 1, 1]) / 3, np.array([0.6, 0.3, 0.1]), np.array([0.9, 0.05, 0.05])):
         for t in (np.full(3, 1 / 3), np.array([0.6, 0.3, 0.1])):
             true_fd = float(np.sqrt(((p - t) ** 2).sum()))
-            hits, reps = 0, 150
+            hits, reps = 0, 100
             for _ in range(reps):
                 counts = tuple(int(c) for c in rng.multinomial(100, p))
                 key = (counts, tuple(t))
