@@ -22,11 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from biasamp.analysis.estimates import UNCOND
+from biasamp.analysis.estimates import class_value_matrix
 from biasamp.analysis.intervals import clopper_pearson
-
-STEER_KEYS = ("steer", "steer_target", "steer_scale", "steer_batch", "steer_temperature", "steer_loss",
-              "steer_branches", "steer_window", "steer_heads")
+from biasamp.counting.results import STEER_COLUMNS
 
 
 def fd_interval(counts: Sequence[int], target: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -86,26 +84,25 @@ def has_steering(df: pd.DataFrame) -> bool:
 def fd_rows(job: Any, level: float) -> list[dict[str, Any]]:
     """Per class of one job: class, rho (the aligned share), its Clopper-Pearson interval, the target's aligned
     share, FD with its interval, the reference, and the invalid share."""
-    counts = job.counts
-    attribute, values, classes = job.attribute, job.value_names, job.class_names
+    values, classes = job.value_names, job.class_names
     reference, targets = class_targets(job.meta, values)
+    every = class_value_matrix(job.counts, classes, values, job.attribute)  # (K, V), valid and invalid
+    valid = class_value_matrix(job.counts, classes, values, job.attribute, valid_only=True)
     rows = []
-    table = counts[counts["class"].astype(str) != UNCOND]
     for c_index, c in enumerate(classes):
-        mine = table[table["class"].astype(str) == c]
-        if mine.empty:
-            continue
-        per_value = [int(mine.loc[mine[attribute].astype(str) == v, "count"].sum()) for v in values]
+        per_value = [int(x) for x in every[c_index]]
         n = sum(per_value)
-        invalid = int(mine.loc[~mine["valid"].astype(str).str.lower().isin(("true", "1")), "count"].sum())
+        if n == 0:  # a class this job did not count
+            continue
+        invalid = n - int(valid[c_index].sum())
         aligned = per_value[c_index] if c_index < len(values) else 0
         lo, hi = clopper_pearson(aligned, n, level)
         target = targets[c_index]
         fd, fd_lo, fd_hi = fd_interval(per_value, target, level)
-        rows.append({"class": c, "rho": aligned / n if n else math.nan, "ci_low": lo, "ci_high": hi,
+        rows.append({"class": c, "rho": aligned / n, "ci_low": lo, "ci_high": hi,
                      "target_aligned": float(target[c_index]) if c_index < len(target) else math.nan,
                      "fd": fd, "fd_low": fd_lo, "fd_high": fd_hi, "fd_reference": reference, "n": n,
-                     "invalid_frac": invalid / n if n else math.nan})
+                     "invalid_frac": invalid / n})
     return rows
 
 
@@ -119,8 +116,7 @@ def dose_response_frame(df: pd.DataFrame) -> pd.DataFrame:
     if steered.empty:
         return steered
     parts = [steered]
-    line = [k for k in ("steer", "steer_target", "steer_batch", "steer_temperature", "steer_loss", "steer_branches",
-                        "steer_window", "steer_heads") if k in steered.columns]
+    line = [k for k in STEER_COLUMNS if k != "steer_scale" and k in steered.columns]
     setting = [k for k in frame.columns if k.startswith("sampler.") or k in ("guidance", "run", "attribute")]
 
     def keys(rows: pd.DataFrame) -> pd.Series:

@@ -37,17 +37,15 @@ from biasamp.analysis.intervals import check_level, check_method, proportion_int
 from biasamp.atomic import atomic_write_text
 from biasamp.counting.counts import COUNTS_NAME, counts_table, counts_text, read_counts
 from biasamp.counting.meta import JobMeta, read_meta
-from biasamp.counting.results import RESULTS_NAME, read_results
+from biasamp.counting.results import RESULTS_NAME, STEER_COLUMNS, read_results
 from biasamp.counting.state import STATE_NAME, read_state
 from biasamp.errors import UsageError
 
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
 KEY_ORDER = ("rho_data", "train_seed", "run", "train_config", "checkpoint", "dataset", "attribute", "sampler.name",
              "sampler.solver", "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
-KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", "steer", "steer_target", "steer_scale",
-                  "steer_batch", "steer_temperature", "steer_loss", "steer_branches", "steer_window", "steer_heads",
-                  "oracle", "oracle_options", "class_oracle",
-                  "precision", "seed", "n_per_class", "sweep")
+KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", *STEER_COLUMNS, "oracle", "oracle_options",
+                  "class_oracle", "precision", "seed", "n_per_class", "sweep")
 # never shown in a caption: long paths that the run name already stands for
 NOT_NOTED = ("checkpoint", "sweep", "train_config", "oracle_options", "steer_heads")  # long JSON, sha256s
 TABLE_FORMATS = ("csv", "md", "tex")
