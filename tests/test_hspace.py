@@ -211,3 +211,43 @@ def test_uniform_target_moves_rho_model_toward_one_half(tmp_path):
     # mitigation-balancing: the heads are shrunk toward 0.5 where the colour is decided); it must at least not
     # leave the samples' colours broken
     assert 0.8 <= rho["data"] <= 1.0, rho
+
+
+def test_trajectory_heads_carry_the_class_prior_and_serve_only_their_guidance(tiny_checkpoint, tmp_path):
+    """h_source=trajectory: heads on the model's own samples, labelled by the oracle; the file carries each class's
+    log share of each value among those samples (smoothed by half a sample), and a count at another w is refused."""
+    proc = run_hspace([f"checkpoint={tiny_checkpoint}", "sampler.num_steps=4", "h_source=trajectory",
+                       "trajectory.n_per_class=16", "trajectory.guidance=0", "oracle.max_distance=1000",
+                       "oracle.min_confidence=0", "steps=30", "name=traj"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = tmp_path / "runs" / "hspace" / "traj" / "heads.pt"
+    heads = HeadsFile.load(path)
+    samples = heads.settings["samples"]
+    counts = np.array(samples["sample_counts"])
+    assert samples["n_samples"] == 32 and counts.sum() == 32 - samples["invalid"]
+    expected = np.log((counts + 0.5) / (counts.sum(axis=1, keepdims=True) + 1.0))
+    assert np.allclose(heads.class_log_prior, expected)
+    assert heads.n_train + heads.n_heldout == counts.sum()
+    assert heads.settings["h_source"] == "trajectory" and heads.settings["trajectory"]["guidance"] == 0
+    lin = heads.heads()
+    assert torch.allclose(lin.logit_bias(0, 1), heads.bias[0] + torch.tensor(expected[1], dtype=torch.float32))
+    base = [f"checkpoint={tiny_checkpoint}", *STEER, f"steer.heads={path}", "n_per_class=8"]
+    assert plan(compose_count([*base, "guidance=0"])).steering["h_source"] == "trajectory"
+    with pytest.raises(UsageError, match="were trained on the model's samples at guidance 0"):
+        plan(compose_count([*base, "guidance=1"]))
+    bad = run_hspace([f"checkpoint={tiny_checkpoint}", "h_source=trajectory", "trajectory.n_per_class=1",
+                      "name=bad"], tmp_path)
+    assert bad.returncode == 2 and "trajectory.n_per_class=1 is not allowed" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_heads_file_without_a_class_prior_loads_and_a_misshapen_prior_is_refused(tiny_heads, tmp_path):
+    raw = torch.load(tiny_heads, weights_only=True)
+    assert raw["class_log_prior"] is None  # noised heads: no prior
+    raw.pop("class_log_prior")  # a file written before the field existed
+    torch.save(raw, tmp_path / "old.pt")
+    assert HeadsFile.load(tmp_path / "old.pt").heads().class_bias is None
+    raw["class_log_prior"] = [[0.0, 0.0]]  # one row for two classes
+    torch.save(raw, tmp_path / "bad.pt")
+    with pytest.raises(UsageError, match="class_log_prior that is not one row of 2 values per class"):
+        HeadsFile.load(tmp_path / "bad.pt")

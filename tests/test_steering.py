@@ -227,3 +227,73 @@ def test_trace_is_the_heads_mean_probability_per_class_and_sigma_before_the_step
     (first, second) = steer.trace_table(["a", "b"])
     assert (first["class"], first["sigma"], first["rows"]) == ("a", 2.0, 5) and second["sigma"] == 1.0
     assert first["p"] == pytest.approx(p.tolist(), abs=1e-4)
+
+
+def test_class_prior_enters_the_logits_of_its_class_and_a_met_target_gives_no_step():
+    """Heads with zero weights and the class prior log(0.9, 0.1): at T = 1 every row's p is (0.9, 0.1), so
+    chi2 to (0.9, 0.1) is 0 and h is not moved, while the uniform target moves it; another class's prior does not
+    leak into class 0."""
+    v, d = 2, 6
+    weight = torch.zeros(1, v, d)
+    weight[0, 0, 0], weight[0, 1, 0] = 1.0, -1.0
+    prior = torch.log(torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+    heads = LinearHeads(weight, torch.zeros(1, v), torch.tensor([1.0], dtype=torch.float64), prior)
+    assert torch.allclose(heads.logit_bias(0, 1), prior[1])
+    h = torch.zeros(4, d)  # logits W h = 0: p = softmax(log prior) = the prior
+    groups = torch.zeros(4, dtype=torch.long)
+    met = HSpaceSteerer(heads, "distribution", 1.0, temperature=1.0, targets=torch.tensor([[0.9, 0.1], [0.5, 0.5]]))
+    assert torch.allclose(met.delta(h, 0, 0, groups, 1), torch.zeros(4, d), atol=1e-7)
+    assert met.trace[(0, 0)][0].tolist() == pytest.approx([3.6, 0.4])  # 4 rows of p = (0.9, 0.1)
+    uniform = HSpaceSteerer(heads, "distribution", 1.0, temperature=1.0, targets=torch.full((2, 2), 0.5))
+    step = uniform.delta(h, 0, 0, groups, 1)
+    # by hand: u = 2 (p - t) / t = (1.6, -1.6); dL/dz = p (u - <u, p>) = (0.9 * 0.32, 0.1 * -2.88) = (0.288, -0.288)
+    # dL/dh_0 = 0.288 * 1 + (-0.288) * (-1) = 0.576 per row; the step is minus that
+    assert step[:, 0].tolist() == pytest.approx([-0.576] * 4, rel=1e-5)
+    assert torch.count_nonzero(step[:, 1:]) == 0
+    without = LinearHeads(weight, torch.zeros(1, v), heads.sigmas)
+    plain = HSpaceSteerer(without, "distribution", 1.0, temperature=1.0, targets=torch.full((2, 2), 0.5))
+    assert torch.count_nonzero(plain.delta(h, 0, 0, groups, 1)) == 0  # p = (0.5, 0.5): met without the prior
+
+
+def _trajectories(net, batch_size, n=5, guidance=1.0):
+    from biasamp.mitigation.hspace import trajectory_h
+    from biasamp.oracles import ColourOracle
+
+    oracle = ColourOracle(["red", "green"], max_distance=1000.0, min_confidence=0.0)
+    cfg = {"name": "edm", "num_steps": 4}
+    sigmas = evaluated_sigmas(cfg, 0.002, 80.0)
+    return sigmas, trajectory_h(net, cfg, sigmas, [0, 1], n, guidance, "null", 7, batch_size, (3, 32, 32),
+                                torch.device("cpu"), oracle, 0)
+
+
+def test_trajectory_h_records_every_evaluation_of_each_sample_independent_of_the_batch_size():
+    from biasamp.counting.job import row_seed
+    from biasamp.mitigation.hspace import TRAJECTORY_OFFSET
+    from biasamp.oracles import ColourOracle
+
+    net = _net()
+    sigmas, (h, ids, classes, values, valid) = _trajectories(net, batch_size=5)
+    _, (h3, ids3, classes3, values3, _) = _trajectories(net, batch_size=3)
+    # the sampler's own calls, counted on a recording denoiser: Heun evaluates 80 once and every later level twice
+    # (the second evaluation of step i and the first of step i + 1; the last step, to 0, is Euler's)
+    rec = Recording()
+    sample(rec, IndexNoise(0, torch.arange(1), (1, 4, 4)), {"name": "edm", "num_steps": 4}, sigma_min=0.002,
+           sigma_max=80.0)
+    calls = [sum(1 for s in rec.sigmas if s == pytest.approx(level, rel=1e-6)) for level in sigmas]
+    assert calls == [1, 2, 2, 2]
+    for k in range(len(sigmas)):
+        assert h[k].shape == (10 * calls[k], 16 * 8 * 8)  # 2 classes x 5 samples, the cond rows only
+        assert sorted(ids[k].tolist()) == sorted(list(range(10)) * calls[k])
+        order, order3 = torch.argsort(ids[k], stable=True), torch.argsort(ids3[k], stable=True)
+        assert torch.allclose(h[k][order], h3[k][order3], atol=1e-4)  # a sample's h: its own, for any batch
+    assert classes.tolist() == [0] * 5 + [1] * 5 and classes3.tolist() == classes.tolist()
+    assert values.tolist() == values3.tolist() and valid.all()
+    # the labels are the oracle's verdict on each sample's own final image (noise of (seed, class), offset index)
+    oracle = ColourOracle(["red", "green"], max_distance=1000.0, min_confidence=0.0)
+    for c in (0, 1):
+        labels = torch.nn.functional.one_hot(torch.full((5,), c), 2).float()
+        d = guided_denoiser(net, labels, guidance=1.0, uncond="null", interval=None, label_dim=2)
+        noise = IndexNoise(row_seed(7, c), torch.arange(5) + TRAJECTORY_OFFSET, (3, 32, 32))
+        with torch.no_grad():
+            x = sample(d, noise, {"name": "edm", "num_steps": 4}, sigma_min=0.002, sigma_max=80.0)
+        assert oracle(x.clamp(-1, 1)).bias[:, 0].tolist() == values[5 * c:5 * c + 5].tolist()

@@ -148,7 +148,8 @@ def plan_job(settings: CountSettings) -> Plan:
     oracle_identity = _oracle_identity(settings.oracle, oracle)
     sha = sha256_file(checkpoint)
     steering, heads = resolve_steering(settings.steer, meta, sha, sampler, list(oracle.attributes),
-                                       [list(v) for v in oracle.value_names])
+                                       [list(v) for v in oracle.value_names], settings.guidance,
+                                       settings.guidance_uncond)
     if settings.class_oracle is not None:
         oracle = with_class_prediction(oracle, str(settings.class_oracle), meta)
     resolved = {

@@ -4,7 +4,8 @@ app; the algorithm is in sampling.steering, the heads file in mitigation.heads).
 :func:`resolve_steering` refuses, with one line each: heads trained on another checkpoint (sha256), another class
 list or bias attribute than the oracle counts, a sigma grid without a head for a sigma this job evaluates inside
 the window, a target that is not a distribution over the bias values (or has a zero where chi2 and KL divide),
-a sample target that is not a value name. It returns the steering as it enters the job's identity: every setting
+a sample target that is not a value name, trajectory heads (which carry the model's prior at one guidance w)
+for a job at another w. It returns the steering as it enters the job's identity: every setting
 that changes the samples, the heads by their sha256, the per-class targets resolved to numbers.
 """
 
@@ -61,7 +62,8 @@ def resolve_targets(target: Any, heads: HeadsFile) -> tuple[str, list[list[float
 
 
 def resolve_steering(steer: Mapping[str, Any] | None, meta: Mapping[str, Any], checkpoint_sha256: str,
-                     sampler: Mapping[str, Any], attributes: Sequence[str], value_names: Sequence[Sequence[str]]
+                     sampler: Mapping[str, Any], attributes: Sequence[str], value_names: Sequence[Sequence[str]],
+                     guidance: float = 0.0, guidance_uncond: str = "null"
                      ) -> tuple[dict[str, Any] | None, HeadsFile | None]:
     """(the steering's identity entry, the heads) for checked ``steer`` settings; (None, None) without steering."""
     if steer is None:
@@ -82,6 +84,14 @@ def resolve_steering(steer: Mapping[str, Any] | None, meta: Mapping[str, Any], c
     if [str(x) for x in heads.value_names] != oracle_values:
         raise UsageError(f"steer.heads={path} has values {heads.value_names} of {heads.attribute}, the oracle "
                          f"{oracle_values}; use an oracle and heads with the same values")
+    traj = heads.settings.get("trajectory") if heads.settings.get("h_source") == "trajectory" else None
+    if traj is not None and (float(traj["guidance"]) != float(guidance) or guidance > 0
+                             and traj["guidance_uncond"] != guidance_uncond):
+        raise UsageError(f"steer.heads={path} were trained on the model's samples at guidance "
+                         f"{float(traj['guidance']):g} (guidance_uncond {traj['guidance_uncond']}), and carry that "
+                         f"prior; this job samples at guidance {float(guidance):g} (guidance_uncond "
+                         f"{guidance_uncond}): train heads with h_source=trajectory trajectory.guidance=<this w>, or "
+                         "use inversion/noised heads")
     window = steer.get("sigma_window")
     lo, hi = (float(window[0]), float(window[1])) if window else (0.0, math.inf)
     needed = [s for s in evaluated_sigmas(sampler, sampler["sigma_min"], sampler["sigma_max"]) if lo <= s <= hi]

@@ -12,7 +12,10 @@ A plain dict of tensors, strings and numbers (loadable with ``torch.load(..., we
 - ``class_names``, ``data_distribution`` (K, V): each class's share of each bias value in the training set (the
   ``data`` target of distribution guidance), ``rho_per_class`` (K,);
 - ``checkpoint_sha256``: the diffusion model the heads were trained on (steering another model is refused);
-- ``h_shape``: (C, r, r) of h; ``n_train``, ``n_heldout``: images per head; ``settings``: the app's settings.
+- ``h_shape``: (C, r, r) of h; ``n_train``, ``n_heldout``: images per head; ``settings``: the app's settings;
+- ``class_log_prior`` (K, V) or None: log of each class's share of each value among the model's own samples
+  (``h_source=trajectory``, the oracle's labels), added to a class's logits when steering (the heads are fitted
+  on a balanced resample; this turns their output into the posterior under the model's own prior).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from biasamp.sampling.steering import LinearHeads
 
 HEADS_NAME = "heads.pt"
 FORMAT = "biasamp.hspace_heads/1"
+OPTIONAL = {"class_log_prior"}  # absent in files written before it existed: None
 HINT = "give the heads.pt written by python -m biasamp.hspace checkpoint=<the same checkpoint>"
 
 
@@ -51,10 +55,12 @@ class HeadsFile:
     n_train: int
     n_heldout: int
     settings: dict[str, Any] = field(default_factory=dict)
+    class_log_prior: list[list[float]] | None = None
 
     def heads(self) -> LinearHeads:
+        extra = None if self.class_log_prior is None else torch.tensor(self.class_log_prior, dtype=torch.float32)
         return LinearHeads(self.weight.to(torch.float32), self.bias.to(torch.float32),
-                           torch.tensor(self.sigmas, dtype=torch.float64))
+                           torch.tensor(self.sigmas, dtype=torch.float64), extra)
 
     def save(self, path: str | Path) -> None:
         import io
@@ -73,12 +79,16 @@ class HeadsFile:
         data = dict(data)
         data.pop("format")
         names = {f for f in cls.__dataclass_fields__}
-        missing = sorted(names - set(data))
+        missing = sorted(names - set(data) - OPTIONAL)
         if missing:
             raise UsageError(f"heads file {path} lacks {missing}; {HINT}")
-        heads = cls(**{k: data[k] for k in names})
+        heads = cls(**{k: data[k] for k in names if k in data})
         s, v = len(heads.sigmas), len(heads.value_names)
         if tuple(heads.weight.shape[:2]) != (s, v) or tuple(heads.bias.shape) != (s, v):
             raise UsageError(f"heads file {path} has weight {tuple(heads.weight.shape)} and bias "
                              f"{tuple(heads.bias.shape)} for {s} sigmas and {v} values; {HINT}")
+        prior = heads.class_log_prior
+        if prior is not None and (len(prior) != len(heads.class_names) or any(len(r) != v for r in prior)):
+            raise UsageError(f"heads file {path} has a class_log_prior that is not one row of {v} values per class "
+                             f"({len(heads.class_names)}); {HINT}")
         return heads

@@ -22,6 +22,13 @@ with bf16 autocast, on any device): with u = dL/dp_hat,
 
 chi2: u = 2 (p_hat - t) / t;  kl: u = log(p_hat / t) + 1.
 
+**A class's prior.** Heads fitted on a balanced resample of (class, value) groups output, where h does not yet
+decide the value, about 1/V for each value, so the block mean p_hat understates a class's majority value and chi2
+toward a non-uniform target pushes toward the majority. Heads fitted on the model's own samples (``h_source=
+trajectory`` of the head app) carry each class's log share of each value among those samples; it is added to the
+logits of that class's rows (``LinearHeads.class_bias``), the label-shift correction of a balanced classifier to
+the model's prior (Saerens et al., 2002).
+
 **Sample guidance** (``mode="sample"``): every row toward one value v, L = -sum_i p_i[v] (the released code's
 sum over rows), so u = -e_v for every row and a row's step depends on that row alone.
 
@@ -109,14 +116,26 @@ def distribution_loss(p_hat: Tensor, target: Tensor, loss: str) -> Tensor:
 
 @dataclass(frozen=True)
 class LinearHeads:
-    """One linear head per noise level: weight (S, V, D), bias (S, V) float32; sigmas (S,) float64 decreasing."""
+    """One linear head per noise level: weight (S, V, D), bias (S, V) float32; sigmas (S,) float64 decreasing.
+
+    class_bias (K, V) or None: added to the logits of class k's rows at every level (heads trained on a balanced
+    resample, corrected to a class's own prior: log pi_k(v), Saerens et al. 2002; with T = 1 the block mean of p
+    then estimates the block's share of each value)."""
 
     weight: Tensor
     bias: Tensor
     sigmas: Tensor
+    class_bias: Tensor | None = None
 
     def to(self, device: torch.device | str) -> LinearHeads:
-        return LinearHeads(self.weight.to(device), self.bias.to(device), self.sigmas)
+        extra = None if self.class_bias is None else self.class_bias.to(device)
+        return LinearHeads(self.weight.to(device), self.bias.to(device), self.sigmas, extra)
+
+    def logit_bias(self, head: int, class_index: int) -> Tensor:
+        """The bias (V,) of level ``head`` for rows of class ``class_index``."""
+        if self.class_bias is None:
+            return self.bias[head]
+        return self.bias[head] + self.class_bias[class_index]
 
 
 class HSpaceSteerer:
@@ -165,7 +184,7 @@ class HSpaceSteerer:
 
     def delta(self, h: Tensor, head: int, class_index: int, groups: Tensor, n_groups: int) -> Tensor:
         """-d(n_g L_g)/dh (distribution) or -dL/dh (sample) for the sample rows h (B, D), float32."""
-        weight, bias = self.heads.weight[head], self.heads.bias[head]
+        weight, bias = self.heads.weight[head], self.heads.logit_bias(head, class_index)
         real = groups >= 0
         if self.mode == "sample":
             u = torch.zeros(h.shape[0], weight.shape[0], device=h.device)
