@@ -53,7 +53,7 @@ paper-guidance:  ## guidance w in {0 .. 10} (GPU; SMOKE=1: tiny CPU run)
 paper-multicolor:  ## Multi-Color MNIST, left/right rho in {0.95, 0.99} x guidance (GPU; SMOKE=1: tiny CPU run)
 	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/paper-multicolor/run.sh
 
-mitigation-balancing:  ## Balancing Act: h-space heads + distribution guidance on the quick-start model (CPU, about 20 min; SMOKE=1: tiny)
+mitigation-balancing:  ## Balancing Act: h-space heads + distribution guidance on the quick-start model (CPU, about 35 min; SMOKE=1: tiny)
 	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/mitigation-balancing/run.sh
 
 clean:  ## remove run outputs and caches (keeps .venv)
