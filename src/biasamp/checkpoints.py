@@ -18,6 +18,7 @@ import torch
 
 from biasamp.errors import UsageError
 from biasamp.models import EDMPrecond, build_denoiser
+from biasamp.models.build import build_mixed_denoiser
 from biasamp.safe_load import load_weights_only
 
 FORMAT_VERSION = 1
@@ -144,19 +145,23 @@ def ema_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[EDMPrecond, dict[str, Any]]:
-    """Rebuild the denoiser of a checkpoint from its own config and load its (EMA) weights.
+    """Rebuild the denoiser of a checkpoint from its own config and load its (EMA) weights. A checkpoint whose
+    config has an ``invdiff`` entry (r, mix, delta_channels) holds InvDiff's mixed model: it is rebuilt as
+    EDMPrecond(MixedNet(base, Delta)), so the count, report and oracle apps use it unchanged.
 
     ``path``: a checkpoint file, or a run folder (its latest checkpoint). Returns the denoiser in eval mode
     on the CPU and the checkpoint's metadata.
     """
     ckpt = load_checkpoint(resolve_checkpoint(path))
     meta = metadata(ckpt)
-    denoiser = build_denoiser(
-        meta["config"]["model"],
-        img_resolution=meta["img_resolution"],
-        in_channels=meta["in_channels"],
-        label_dim=meta["label_dim"],
-    )
+    shape = {"img_resolution": meta["img_resolution"], "in_channels": meta["in_channels"],
+             "label_dim": meta["label_dim"]}
+    mixed = meta["config"].get("invdiff")
+    if mixed:  # InvDiff's frozen base + side network (models.mixed); both sets of weights are in the checkpoint
+        denoiser = build_mixed_denoiser(meta["config"]["model"], **shape, r=mixed["r"], mix=mixed["mix"],
+                                        delta_channels=mixed.get("delta_channels"))
+    else:
+        denoiser = build_denoiser(meta["config"]["model"], **shape)
     if use_ema:
         state = ema_state_dict(ckpt)
     else:

@@ -151,3 +151,26 @@ def build_denoiser(model_cfg: Mapping, img_resolution: int, in_channels: int, la
         raise ValueError(f"label_dim must be a non-negative integer, got {label_dim!r}")
     net = DDPMpp(img_resolution, in_channels, in_channels, label_dim=label_dim, **net_kwargs)
     return EDMPrecond(net, label_dim, **sigmas)
+
+
+def build_mixed_denoiser(model_cfg: Mapping, img_resolution: int, in_channels: int, label_dim: int, r: float,
+                         mix: str = "convex", delta_channels: int | None = None,
+                         base_state: Mapping[str, Any] | None = None) -> EDMPrecond:
+    """InvDiff's mixed model (models.mixed): EDMPrecond around MixedNet(frozen base DDPM++, Delta), the base built
+    from ``model_cfg`` as :func:`build_denoiser` does. ``base_state``: the base denoiser's state dict (keys of
+    ``EDMPrecond.state_dict()``, e.g. a checkpoint's EMA weights), loaded into the frozen network before Delta is
+    copied from it; without it both start as built (a checkpoint of the mixed model then loads over them)."""
+    from biasamp.models.mixed import MixedNet, make_delta
+
+    base = build_denoiser(model_cfg, img_resolution, in_channels, label_dim)
+    if base_state is not None:
+        base.load_state_dict(dict(base_state), strict=True)
+    _, net_kwargs = check_model_config(model_cfg, img_resolution)
+    if delta_channels is not None:
+        _check_net({**net_kwargs, "model_channels": _positive_int("invdiff.delta_channels", delta_channels)},
+                   img_resolution)
+    net = base.net
+    delta = make_delta(net, net_kwargs, delta_channels)
+    mixed = MixedNet(net, delta, r, mix)
+    return EDMPrecond(mixed, label_dim, sigma_data=base.sigma_data, sigma_min=base.sigma_min,
+                      sigma_max=base.sigma_max)
