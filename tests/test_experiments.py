@@ -86,23 +86,24 @@ def check_multicolor(sweep: Path, results: pd.DataFrame) -> None:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_smoke_mitigation_balancing_runs_end_to_end(tmp_path):
-    """make mitigation-balancing SMOKE=1: model -> heads (noised, inversion) -> unsteered and steered counts ->
-    report with the steering table and the dose-response figure."""
+    """make mitigation-balancing SMOKE=1: model -> heads (noised, inversion, trajectory) -> unsteered and steered
+    counts -> report with the steering table and the dose-response figure."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["make", "-s", "mitigation-balancing", "SMOKE=1", f"PY={sys.executable}", f"OUT={tmp_path}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     smoke = tmp_path / "smoke"
-    for source in ("noised", "inversion"):
+    for source in ("noised", "inversion", "trajectory-w1"):
         assert (smoke / "hspace" / f"balancing_smoke-edm4-{source}" / "heads.pt").is_file()
     assert (smoke / "hspace" / "balancing_smoke-edm4-accuracy.png").stat().st_size > 0
     sweep = smoke / "count" / "mitigation-balancing"
     results = pd.read_csv(sweep / "results.csv", keep_default_na=False, na_values=[""])
-    # 2 unsteered (w 0, 1) + noised heads 2 targets x 2 w (scale 1000) + inversion heads (w 0)
-    assert len(results) == 2 + 4 + 1
+    # 2 unsteered (w 0, 1) + noised heads 2 targets x 2 w (scale 1000) + inversion heads (w 0) + trajectory heads
+    # (data target, w 1)
+    assert len(results) == 2 + 4 + 1 + 1
     steered = results[results["steer"].notna()]
     assert sorted(set(steered["steer_target"])) == ["data", "uniform"]
-    assert set(h.split(":")[0] for h in steered["steer_heads"]) == {"noised", "inversion"}
+    assert set(h.split(":")[0] for h in steered["steer_heads"]) == {"noised", "inversion", "trajectory"}
     assert results["steer"].isna().sum() == 2
     steering = pd.read_csv(sweep / "report" / "steering.csv")
     assert len(steering) == 2 * len(results)  # one row per class of every job

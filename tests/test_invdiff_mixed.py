@@ -140,3 +140,44 @@ def test_a_mixed_checkpoint_loads_through_the_usual_loader(tiny_checkpoint, tmp_
     with torch.no_grad():
         assert torch.equal(loaded(x, torch.tensor([1.0, 5.0]), y), mixed.eval()(x, torch.tensor([1.0, 5.0]), y))
         assert not torch.equal(loaded(x, torch.tensor([1.0, 5.0]), y), base(x, torch.tensor([1.0, 5.0]), y))
+
+
+def test_invdiff_fine_tuning_trains_delta_only_and_the_mixed_checkpoint_counts(tiny_checkpoint, tmp_path):
+    """groups app -> train experiment=invdiff (3 steps) -> the checkpoint: the frozen base equals the base's EMA
+    weights, Delta moved, the identity holds both files' sha256, the dataset is the base's; it counts through the
+    count app; groups of another checkpoint are refused with one line."""
+    import glob
+    import json
+
+    from biasamp.checkpoints import ema_state_dict, load_checkpoint, metadata
+    from biasamp.counting.plan import sha256_file
+    from tests.conftest import run_app, run_count, run_train
+
+    groups = run_app("invdiff_groups", [f"checkpoint={tiny_checkpoint}", "steps=20", "n_sigma=2", "name=g"], tmp_path)
+    assert groups.returncode == 0, groups.stderr[-3000:]
+    path = tmp_path / "runs" / "invdiff" / "g" / "groups.pt"
+    args = ["experiment=invdiff", f"invdiff.base={tiny_checkpoint}", f"invdiff.groups={path}", "trainer=cpu",
+            "trainer.max_steps=3", "batch_size=16", "name=inv", "dataset=waterbirds"]  # dataset: the base's wins
+    proc = run_train(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ckpt,) = glob.glob(str(tmp_path / "runs" / "train" / "inv-*" / "checkpoints" / "ckpt-*.ckpt"))
+    state, base = ema_state_dict(load_checkpoint(ckpt)), ema_state_dict(load_checkpoint(tiny_checkpoint))
+    for key, value in base.items():
+        if key.startswith("net."):
+            assert torch.equal(state["net.frozen." + key[4:]], value), key
+    assert torch.count_nonzero(state["net.delta.out_conv.weight"]) > 0  # Delta left its zero output
+    meta = metadata(load_checkpoint(ckpt))
+    assert meta["config"]["dataset"] == metadata(load_checkpoint(tiny_checkpoint))["config"]["dataset"]
+    assert meta["identity"]["invdiff.base_sha256"] == sha256_file(tiny_checkpoint)
+    assert meta["identity"]["invdiff.groups_sha256"] == sha256_file(path)
+    assert "invdiff.base" not in meta["identity"] and meta["identity"]["invdiff.r"] == 0.8
+    count = run_count([f"checkpoint={ckpt}", "sampler.num_steps=4", "n_per_class=4", "save_grid=false"], tmp_path)
+    assert count.returncode == 0, count.stderr[-3000:]
+    (job,) = glob.glob(str(tmp_path / "runs" / "count" / "*" / "*" / "meta.json"))
+    assert json.loads(open(job).read())["identity"]["checkpoint_sha256"] == sha256_file(ckpt)
+    bad = run_train(["experiment=invdiff", f"invdiff.base={ckpt}", f"invdiff.groups={path}", "trainer=cpu",
+                     "trainer.max_steps=3", "batch_size=16", "name=bad"], tmp_path)
+    assert bad.returncode == 2 and "were made for another checkpoint" in bad.stderr, bad.stderr[-2000:]
+    assert len(bad.stderr.strip().splitlines()) == 1
+    lam = run_train([*args[:3], "invdiff.lam=-1", "name=bad2"], tmp_path)
+    assert lam.returncode == 2 and "invdiff.lam=-1 is not allowed" in lam.stderr

@@ -16,10 +16,12 @@ class InMemoryDataModule(L.LightningDataModule):
         batch_gpu: micro-batch size per device.
         seed: seed of the data order (same on every rank; ranks take disjoint slices).
         on_device: keep the dataset on the accelerator and gather batches there.
+        weights: optional per-image float (N, K) tensor served as a fourth batch element (InvDiff's groups).
     """
 
-    def __init__(self, dataset, batch_gpu: int, seed: int, on_device: bool = False) -> None:
+    def __init__(self, dataset, batch_gpu: int, seed: int, on_device: bool = False, weights=None) -> None:
         super().__init__()
+        self.weights = weights
         self.dataset = dataset
         self.batch_gpu = int(batch_gpu)
         self.seed = int(seed)
@@ -39,4 +41,5 @@ class InMemoryDataModule(L.LightningDataModule):
             world=trainer.world_size,
             start_batch=lambda: trainer.global_step * accumulate,
             device=device,
+            weights=self.weights,
         )

@@ -24,7 +24,8 @@ _EPOCH_SEED_STRIDE = 1_000_003  # a prime; keeps (seed, epoch) pairs apart
 
 
 class BatchStream:
-    """An endless iterable of ``(images_uint8, labels, biases)`` micro-batches for one rank.
+    """An endless iterable of ``(images_uint8, labels, biases)`` micro-batches for one rank (with ``weights``:
+    ``(images_uint8, labels, biases, weights)``, the per-item rows of that tensor, e.g. InvDiff's group weights).
 
     Args:
         images: uint8 (N, C, H, W) tensor, the whole dataset.
@@ -36,6 +37,7 @@ class BatchStream:
         start_batch: called at every ``iter()`` and returns the micro-batch number to start from
             (for a resumed run: optimizer steps done times gradient-accumulation rounds).
         device: where the dataset lives and batches are produced (``None``: where ``images`` is).
+        weights: optional float (N, K) per-item tensor served beside each batch.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class BatchStream:
         world: int = 1,
         start_batch: Callable[[], int] = lambda: 0,
         device: torch.device | str | None = None,
+        weights: Tensor | None = None,
     ) -> None:
         if images.dtype != torch.uint8:
             raise ValueError(f"BatchStream expects uint8 images, got {images.dtype}")
@@ -60,6 +63,9 @@ class BatchStream:
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.biases = biases.to(device)
+        if weights is not None and weights.shape[0] != images.shape[0]:
+            raise ValueError(f"weights hold {weights.shape[0]} rows for {images.shape[0]} images")
+        self.weights = None if weights is None else weights.to(device)
         self.n = images.shape[0]
         self.batch_size = batch_size
         self.seed = seed
@@ -88,11 +94,13 @@ class BatchStream:
             out[sel] = self.permutation(e)[pos[sel] - e * self.n]
         return out
 
-    def batch(self, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    def batch(self, batch: int) -> tuple[Tensor, ...]:
         idx = self.indices(batch).to(self.images.device, non_blocking=True)
+        if self.weights is not None:
+            return self.images[idx], self.labels[idx], self.biases[idx], self.weights[idx]
         return self.images[idx], self.labels[idx], self.biases[idx]
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         b = self.start_batch()
         while True:
             yield self.batch(b)

@@ -21,7 +21,7 @@ from biasamp.identity import check_folder_name
 TOP_KEYS = (
     "dataset", "model", "trainer", "logger", "callbacks", "paths", "rho", "seed", "name", "resume", "ckpt_path",
     "batch_size", "batch_gpu", "total_kimg", "data", "speed", "loss", "optimizer", "lr_schedule", "ema",
-    "log_every_n_steps", "ema_loss_every_n_steps", "max_nonfinite_steps", "threads",
+    "log_every_n_steps", "ema_loss_every_n_steps", "max_nonfinite_steps", "threads", "invdiff",
 )
 PRECISIONS = ("32-true", "32", "bf16-mixed")
 REFUSED_PRECISIONS = {
@@ -291,7 +291,12 @@ def check_train_config(cfg: Mapping[str, Any]) -> None:
     cpu_threads(cfg.get("threads"), "threads")
     check_callbacks(cfg)
     check_logger(cfg)
-    check_resolution(cfg)
+    if cfg.get("invdiff") is not None:
+        from biasamp.training.invdiff import check_invdiff_config
+
+        check_invdiff_config(cfg.get("invdiff"))
+    else:
+        check_resolution(cfg)  # InvDiff: the base's dataset and model (checked when it was trained)
     dropout = _get(cfg, "model.net.label_dropout")
     if dropout is not None and not (_is_real(dropout) and 0 <= dropout < 1):
         raise UsageError(f"model.net.label_dropout={dropout!r} is not allowed: a probability in [0, 1) (0: no "

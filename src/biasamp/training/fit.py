@@ -28,11 +28,13 @@ from biasamp.errors import UsageError
 from biasamp.identity import describe, differences, folder_lock, identity_hash
 from biasamp.launch import is_child_rank, prepare_relaunch
 from biasamp.models import build_denoiser
+from biasamp.models.build import build_mixed_denoiser
 from biasamp.speed import device_type, train_speed
 from biasamp.training.checkpointing import CheckpointCallback, find_resume_checkpoint, remove_stale_temporaries
 from biasamp.training.config_checks import batch_layout, check_train_config, max_time_seconds
+from biasamp.training.invdiff import group_weights, resolve_invdiff
 from biasamp.training.logging import METRICS_CSV, keep_rows_until
-from biasamp.training.module import DiffusionModule
+from biasamp.training.module import DiffusionModule, InvDiffModule
 from biasamp.training.runs import (
     TrainSummary,
     plain_settings,
@@ -125,24 +127,30 @@ class Setup:
 def setup(cfg: DictConfig, run_dir: Path) -> Setup:
     """Build everything for a run; raises UsageError on bad input, before any training."""
     world, batch_gpu, accumulate = batch_layout(cfg)
-    settings = plain_settings(cfg)
+    settings = resolve_invdiff(plain_settings(cfg))  # InvDiff: the base's dataset and model, the files' sha256
     ident = train_identity(settings)
+    invdiff = settings.get("invdiff")
     if not is_child_rank():
         remove_stale_temporaries(run_dir / "checkpoints")
     resume_from = _resume_path(cfg, run_dir / "checkpoints")
 
     L.seed_everything(cfg.seed, workers=False, verbose=False)
-    dataset = build_dataset(OmegaConf.to_container(cfg.dataset, resolve=True))
-    denoiser = build_denoiser(
-        OmegaConf.to_container(cfg.model, resolve=True),
-        img_resolution=dataset.img_resolution,
-        in_channels=dataset.in_channels,
-        label_dim=dataset.num_classes,
-    )
+    dataset = build_dataset(settings["dataset"])
+    shape = {"img_resolution": dataset.img_resolution, "in_channels": dataset.in_channels,
+             "label_dim": dataset.num_classes}
+    weights = None
+    if invdiff:
+        weights, base_state = group_weights(invdiff, dataset)
+        denoiser = build_mixed_denoiser(settings["model"], **shape, r=invdiff["r"], mix=invdiff["mix"],
+                                        delta_channels=invdiff.get("delta_channels"), base_state=base_state)
+    else:
+        denoiser = build_denoiser(settings["model"], **shape)
     config = OmegaConf.to_container(cfg, resolve=True)
+    config.update({k: settings[k] for k in ("dataset", "model", "invdiff") if settings.get(k)})
     max_steps = target_img(config) // cfg.batch_size
     meta = checkpoint_metadata(config, ident, max_steps * cfg.batch_size, dataset)
-    module = DiffusionModule(
+    module_class, extra = (InvDiffModule, {"lam": float(invdiff["lam"])}) if invdiff else (DiffusionModule, {})
+    module = module_class(
         denoiser=denoiser,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
@@ -157,6 +165,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
         max_nonfinite_steps=cfg.max_nonfinite_steps,
         metadata=meta,
         **train_speed(cfg.get("speed"), device_type(cfg.trainer.get("accelerator", "auto"))),
+        **extra,
     )
     resumed_n_img = resumed_step = 0
     if resume_from is not None:
@@ -164,7 +173,8 @@ def setup(cfg: DictConfig, run_dir: Path) -> Setup:
         check_resumable(resume_ckpt, module, resume_from, ident)
         resumed_n_img = int(resume_ckpt["n_img"])
         resumed_step = int(resume_ckpt.get("global_step", resumed_n_img // cfg.batch_size))
-    datamodule = InMemoryDataModule(dataset, batch_gpu=batch_gpu, seed=cfg.seed, on_device=cfg.data.on_device)
+    datamodule = InMemoryDataModule(dataset, batch_gpu=batch_gpu, seed=cfg.seed, on_device=cfg.data.on_device,
+                                    weights=weights)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     trainer_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items()}
     trainer_kwargs.pop("max_steps", None)

@@ -149,17 +149,21 @@ class DiffusionModule(L.LightningModule):
             self.__dict__["_compiled"] = compile_module(self.denoiser, self.compile_mode)
         return self.__dict__["_compiled"]
 
-    def _batch_loss(self, denoiser: Callable[..., Tensor], batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        images, labels, _ = batch
+    def _batch_loss(self, denoiser: Callable[..., Tensor], batch: tuple[Tensor, ...]) -> Tensor:
+        images, labels = batch[0], batch[1]
         x = to_model_range(images)  # kept NCHW, so the noise drawn like it is the same with channels_last:
         # the first convolution's channels_last weight makes its output, and all that follows, NHWC
         y = one_hot(labels, self.label_dim) if self.label_dim > 0 else None
         return self.loss_fn(denoiser, x, y)
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+    def objective(self, per_sample: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
+        """The loss the optimizer minimises from the per-sample losses (B,): their mean."""
+        return per_sample.mean()
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         self._reseed()
         per_sample = self._batch_loss(self.train_denoiser(), batch)
-        loss = per_sample.mean()
+        loss = self.objective(per_sample, batch)
         detached = per_sample.detach().double()
         self._loss_sum += torch.nan_to_num(detached, nan=0.0, posinf=0.0, neginf=0.0).sum()
         self._loss_count += torch.isfinite(detached).sum()
@@ -222,7 +226,8 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         extra = {"fused": True} if self.fused_adam and accepts_fused(self.optimizer_factory) else {}
-        optimizer = self.optimizer_factory(params=self.denoiser.parameters(), **extra)
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]  # all, but a frozen InvDiff base
+        optimizer = self.optimizer_factory(params=params, **extra)
         optimizer.register_load_state_dict_post_hook(match_state_layout)
         schedule, batch_total, total_img = self.lr_schedule, self.batch_total, self.total_img
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -259,3 +264,19 @@ class DiffusionModule(L.LightningModule):
             "rng_digest": rng,
             "last_loss": self.last_loss if self.last_loss is not None else math.nan,
         }
+
+
+class InvDiffModule(DiffusionModule):
+    """DiffusionModule whose objective is InvDiff's group V-REx over the batch's group weights (the fourth batch
+    element, training.invdiff): mean_k L_k + lam Var_k L_k. The logged train/loss stays the per-sample mean."""
+
+    def __init__(self, *args: Any, lam: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lam = float(lam)
+
+    def objective(self, per_sample: Tensor, batch: tuple[Tensor, ...]) -> Tensor:
+        from biasamp.mitigation.invdiff import vrex_loss
+
+        if len(batch) < 4:
+            raise RuntimeError("InvDiff fine-tuning needs batches with group weights (images, labels, biases, g)")
+        return vrex_loss(per_sample, batch[3].to(per_sample.dtype), self.lam)

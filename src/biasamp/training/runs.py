@@ -37,6 +37,7 @@ TRAIN_ALLOW = (
     "dataset.data_dir", "dataset.download",
     "trainer._target_", "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.benchmark", "trainer.enable_progress_bar", "trainer.max_time",
+    "invdiff.base", "invdiff.groups",  # InvDiff: the files enter the identity by their sha256 (training.invdiff)
 )
 RUN_YAML = "run.yaml"
 SUMMARY_JSON = "train_summary.json"
@@ -106,7 +107,9 @@ def _folder_resolver(*, _root_: DictConfig) -> str:
     output folder. It never raises (a bad value would otherwise end in Hydra's traceback): the app's checks
     refuse the value afterwards and remove the folder."""
     try:
-        return run_folder_name(plain_settings(_root_))
+        from biasamp.training.invdiff import resolve_invdiff
+
+        return run_folder_name(resolve_invdiff(plain_settings(_root_)))
     except Exception:  # noqa: BLE001 - reported by the config checks, with the key
         return "invalid-config"
 
