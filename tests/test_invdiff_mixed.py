@@ -175,9 +175,18 @@ def test_invdiff_fine_tuning_trains_delta_only_and_the_mixed_checkpoint_counts(t
     assert count.returncode == 0, count.stderr[-3000:]
     (job,) = glob.glob(str(tmp_path / "runs" / "count" / "*" / "*" / "meta.json"))
     assert json.loads(open(job).read())["identity"]["checkpoint_sha256"] == sha256_file(ckpt)
-    bad = run_train(["experiment=invdiff", f"invdiff.base={ckpt}", f"invdiff.groups={path}", "trainer=cpu",
-                     "trainer.max_steps=3", "batch_size=16", "name=bad"], tmp_path)
-    assert bad.returncode == 2 and "were made for another checkpoint" in bad.stderr, bad.stderr[-2000:]
-    assert len(bad.stderr.strip().splitlines()) == 1
-    lam = run_train([*args[:3], "invdiff.lam=-1", "name=bad2"], tmp_path)
-    assert lam.returncode == 2 and "invdiff.lam=-1 is not allowed" in lam.stderr
+    # refusals, in process (the app turns a UsageError into one line and exit 2: tests/test_bad_inputs.py)
+    from biasamp.errors import UsageError
+    from biasamp.training.config_checks import check_train_config
+    from biasamp.training.fit import setup
+    from tests.conftest import compose_train
+
+    other = compose_train(["experiment=invdiff", f"invdiff.base={ckpt}", f"invdiff.groups={path}", "trainer=cpu",
+                           "trainer.max_steps=3", "batch_size=16", "name=bad"], tmp_path / "bad")
+    with pytest.raises(UsageError, match="were made for another checkpoint") as err:
+        setup(other, tmp_path / "bad")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="invdiff.lam=-1 is not allowed"):
+        check_train_config(compose_train([*args[:3], "invdiff.lam=-1"], tmp_path / "bad2"))
+    with pytest.raises(UsageError, match="invdiff.r=1.5 is not allowed"):
+        check_train_config(compose_train([*args[:3], "invdiff.r=1.5"], tmp_path / "bad3"))
