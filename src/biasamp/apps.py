@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from biasamp.errors import UsageError, one_line
 
@@ -88,3 +88,29 @@ def set_cpu_threads(value: object, key: str = "threads") -> int:
     n = cpu_threads(value, key)
     torch.set_num_threads(n)
     return n
+
+
+def app_options(cfg: Any) -> dict[str, Any]:
+    """A Hydra app's settings as plain data (nested configs resolved), without ``paths``."""
+    from omegaconf import OmegaConf
+
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+            for k in cfg if k != "paths"}
+
+
+def check_device(value: object, key: str = "device") -> None:
+    """``device``: auto (cuda if available), cpu or cuda (refused without a CUDA GPU); UsageError otherwise."""
+    if value not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"{key}={value!r} is not allowed: use auto, cpu or cuda")
+    if value == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"{key}=cuda is not allowed: this machine has no CUDA GPU; use {key}=auto or cpu")
+
+
+def app_device(value: str) -> Any:
+    """The torch device of a checked ``device`` setting: cuda for cuda, and for auto when a GPU is there."""
+    import torch
+
+    return torch.device("cuda" if value == "cuda" or value == "auto" and torch.cuda.is_available() else "cpu")

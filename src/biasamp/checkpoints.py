@@ -169,3 +169,14 @@ def load_denoiser(path: str | Path, use_ema: bool = True) -> tuple[EDMPrecond, d
         state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     denoiser.load_state_dict(state, strict=True)
     return denoiser.eval().requires_grad_(False), meta
+
+
+def load_finished(checkpoint: str | Path, allow_unfinished: bool = False) -> tuple[Path, dict[str, Any]]:
+    """(the checkpoint file, its metadata) of a ``checkpoint`` setting (a file or a run folder); UsageError for a
+    run that has not reached its target unless ``allow_unfinished``."""
+    path = resolve_checkpoint(checkpoint).resolve()
+    meta = metadata(load_checkpoint(path))
+    if not meta["finished"] and not allow_unfinished:
+        raise UsageError(f"checkpoint {path} is unfinished ({meta['n_img']} of {meta['target_img']} training "
+                         "images); finish training it, or pass allow_unfinished=true")
+    return path, meta

@@ -22,9 +22,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from biasamp.apps import cpu_threads, run_app, set_cpu_threads
+from biasamp.apps import app_device, app_options, check_device, cpu_threads, run_app, set_cpu_threads
 from biasamp.atomic import atomic_write_json
-from biasamp.checkpoints import load_checkpoint, load_denoiser, metadata, resolve_checkpoint
+from biasamp.checkpoints import load_denoiser, load_finished
 from biasamp.counting.plan import sha256_file
 from biasamp.data import build_dataset
 from biasamp.errors import UsageError
@@ -84,18 +84,10 @@ def check_config(options: Mapping[str, Any]) -> None:
         raise UsageError(f"lr={lr!r} is not allowed: a finite number > 0 (the grouper's Adam learning rate)")
     if not isinstance(options.get("allow_unfinished"), bool):
         raise UsageError(f"allow_unfinished={options.get('allow_unfinished')!r} is not allowed: true or false")
-    if options.get("device") not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"device={options.get('device')!r} is not allowed: use auto, cpu or cuda")
-    if options.get("device") == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device=cuda is not allowed: this machine has no CUDA GPU; use device=auto or cpu")
+    check_device(options.get("device"))
     resolve_precision("precision", options.get("precision"), "cpu")
     cpu_threads(options.get("threads"), "threads")
     check_folder_name("name", options.get("name"))
-
-
-def _settings(cfg: DictConfig) -> dict[str, Any]:
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-            for k in cfg if k != "paths"}
 
 
 def _plain(value: Any) -> Any:
@@ -111,29 +103,18 @@ def _plain(value: Any) -> Any:
 
 def make_groups(cfg: DictConfig, out_dir: Path) -> GroupsFile:
     """Check; per-sample losses of the frozen model on its training set; the groups; diagnostics; the files."""
-    options = _settings(cfg)
+    options = app_options(cfg)
     check_config(options)
-    checkpoint = resolve_checkpoint(options["checkpoint"]).resolve()
-    meta = metadata(load_checkpoint(checkpoint))
-    if not meta["finished"] and not options["allow_unfinished"]:
-        raise UsageError(f"checkpoint {checkpoint} is unfinished ({meta['n_img']} of {meta['target_img']} training "
-                         "images); finish training it, or pass allow_unfinished=true")
+    checkpoint, meta = load_finished(options["checkpoint"], options["allow_unfinished"])
     weight_fn, loss_cfg = loss_settings(meta["config"].get("loss"))
     dataset_cfg = _plain(meta["config"]["dataset"])
     dataset = build_dataset(dataset_cfg)
-    biases = getattr(dataset, "biases", None)
-    if not list(getattr(dataset, "bias_attributes", []) or []) or biases is None or len(biases) == 0:
-        raise UsageError(f"dataset {getattr(dataset, 'name', '?')} has no bias labels: the groups' diagnostics (and "
-                         "groups=true_labels) need the bias value of every training image; use a dataset with bias "
-                         "labels")
-    try:
-        attribute, value_names, values = bias_labels(dataset, None)  # the first bias attribute
-    except UsageError as err:
-        raise UsageError(f"{err} (here: for the groups' diagnostics and groups=true_labels)") from None
+    # the first bias attribute
+    attribute, value_names, values = bias_labels(dataset, None, need="the groups' diagnostics (and "
+                                                 "groups=true_labels)")
     labels = dataset.labels.numpy().astype(np.int64)
     aligned = values == labels  # bias value k is aligned with class k
-    device = torch.device("cuda" if options["device"] == "cuda" or options["device"] == "auto"
-                          and torch.cuda.is_available() else "cpu")
+    device = app_device(options["device"])
     if device.type == "cpu":
         set_cpu_threads(options["threads"], "threads")
     precision = resolve_precision("precision", options["precision"], device)

@@ -43,3 +43,20 @@ def load_weights_only(path: str | Path, what: str, hint: str, mmap: bool = False
                              f"biasamp refuses to load such a file for safety: {hint}") from err
         raise UsageError(f"{what} {path} could not be read ({reason(err)}); it may be truncated or not a biasamp file: "
                          f"{hint}") from err
+
+
+def load_format_file(path: str | Path, what: str, title: str, fmt: str, hint: str, fields: set[str],
+                     optional: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The plain dict of a weights-only file written with ``{"format": fmt, **fields}``, without its "format" entry.
+    UsageError (one line) for another file (``title``: what it should be, e.g. "biasamp h-space heads file") or a
+    dict that lacks one of ``fields`` (``optional`` ones may be absent)."""
+    data = load_weights_only(path, what, hint)
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise UsageError(f"{what} {path} is not a {title} (format {found!r}, expected {fmt!r}); {hint}")
+    data = dict(data)
+    data.pop("format")
+    missing = sorted(set(fields) - set(data) - set(optional))
+    if missing:
+        raise UsageError(f"{what} {path} lacks {missing}; {hint}")
+    return data

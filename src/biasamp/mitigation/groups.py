@@ -29,7 +29,7 @@ import torch
 
 from biasamp.atomic import atomic_write_bytes
 from biasamp.errors import UsageError
-from biasamp.safe_load import load_weights_only
+from biasamp.safe_load import load_format_file
 
 GROUPS_NAME = "groups.pt"
 FORMAT = "biasamp.invdiff_groups/1"
@@ -72,17 +72,8 @@ class GroupsFile:
 
     @classmethod
     def load(cls, path: str | Path) -> GroupsFile:
-        data = load_weights_only(path, "groups file", HINT)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise UsageError(f"groups file {path} is not a biasamp InvDiff groups file (format {found!r}, expected "
-                             f"{FORMAT!r}); {HINT}")
-        data = dict(data)
-        data.pop("format")
         names = set(cls.__dataclass_fields__)
-        missing = sorted(names - set(data))
-        if missing:
-            raise UsageError(f"groups file {path} lacks {missing}; {HINT}")
+        data = load_format_file(path, "groups file", "biasamp InvDiff groups file", FORMAT, HINT, names)
         groups = cls(**{k: data[k] for k in names})
         groups._check(path)
         return groups

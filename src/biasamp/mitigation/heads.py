@@ -28,7 +28,7 @@ import torch
 
 from biasamp.atomic import atomic_write_bytes
 from biasamp.errors import UsageError
-from biasamp.safe_load import load_weights_only
+from biasamp.safe_load import load_format_file
 from biasamp.sampling.steering import LinearHeads
 
 HEADS_NAME = "heads.pt"
@@ -71,17 +71,8 @@ class HeadsFile:
 
     @classmethod
     def load(cls, path: str | Path) -> HeadsFile:
-        data = load_weights_only(path, "heads file", HINT)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise UsageError(f"heads file {path} is not a biasamp h-space heads file (format {found!r}, expected "
-                             f"{FORMAT!r}); {HINT}")
-        data = dict(data)
-        data.pop("format")
-        names = {f for f in cls.__dataclass_fields__}
-        missing = sorted(names - set(data) - OPTIONAL)
-        if missing:
-            raise UsageError(f"heads file {path} lacks {missing}; {HINT}")
+        names = set(cls.__dataclass_fields__)
+        data = load_format_file(path, "heads file", "biasamp h-space heads file", FORMAT, HINT, names, OPTIONAL)
         heads = cls(**{k: data[k] for k in names if k in data})
         s, v = len(heads.sigmas), len(heads.value_names)
         if tuple(heads.weight.shape[:2]) != (s, v) or tuple(heads.bias.shape) != (s, v):

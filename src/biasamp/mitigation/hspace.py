@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from biasamp.apps import set_cpu_threads
+from biasamp.apps import app_device, app_options, check_device, set_cpu_threads
 from biasamp.atomic import atomic_write_bytes, atomic_write_text
-from biasamp.checkpoints import load_checkpoint, load_denoiser, metadata, resolve_checkpoint
+from biasamp.checkpoints import load_denoiser, load_finished
 from biasamp.counting.job import row_seed
 from biasamp.counting.plan import sha256_file
 from biasamp.data import build_dataset
@@ -114,10 +114,7 @@ def check_config(options: Mapping[str, Any]) -> None:
         value = options.get(key)
         if not _real(value) or value < 0 or (key == "lr" and value == 0):
             raise UsageError(f"{key}={value!r} is not allowed: a finite number {'> 0' if key == 'lr' else '>= 0'}")
-    if options.get("device") not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"device={options.get('device')!r} is not allowed: use auto, cpu or cuda")
-    if options.get("device") == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device=cuda is not allowed: this machine has no CUDA GPU; use device=auto or cpu")
+    check_device(options.get("device"))
     try:
         check_sampler_config(options.get("sampler"))
     except ValueError as err:
@@ -143,12 +140,13 @@ def resolved_sampler(sampler: Mapping[str, Any], meta: Mapping[str, Any]) -> dic
     return resolved
 
 
-def bias_labels(dataset: Any, attribute: str | None) -> tuple[str, list[str], np.ndarray]:
-    """(attribute, its value names, the bias value of every image) of one bias attribute of the dataset."""
+def bias_labels(dataset: Any, attribute: str | None, need: str = "the heads") -> tuple[str, list[str], np.ndarray]:
+    """(attribute, its value names, the bias value of every image) of one bias attribute of the dataset; ``need``:
+    what needs them, for the refusal's message."""
     attributes = [str(a) for a in getattr(dataset, "bias_attributes", [])]
     biases = getattr(dataset, "biases", None)
     if not attributes or biases is None or len(biases) == 0:
-        raise UsageError(f"dataset {getattr(dataset, 'name', '?')} has no bias labels: the heads need the bias "
+        raise UsageError(f"dataset {getattr(dataset, 'name', '?')} has no bias labels: {need} need the bias "
                          "value of every training image; use a dataset with bias labels")
     name = attributes[0] if attribute is None else str(attribute)
     if name not in attributes:
@@ -156,7 +154,7 @@ def bias_labels(dataset: Any, attribute: str | None) -> tuple[str, list[str], np
     column = attributes.index(name)
     values = biases.numpy() if biases.ndim == 1 else biases[:, column].numpy()
     if values.min() < 0:
-        raise UsageError(f"dataset {dataset.name} lacks the {name} label of some images: the heads need every "
+        raise UsageError(f"dataset {dataset.name} lacks the {name} label of some images: {need} need every "
                          "image's bias value")
     return name, [str(b) for b in dataset.bias_names], values.astype(np.int64)  # (attributes share one list)
 
@@ -300,11 +298,6 @@ def group_accuracy(logits: torch.Tensor, y: torch.Tensor, groups: np.ndarray) ->
     return float(np.mean(accs)), float(min(accs))
 
 
-def _settings(cfg: DictConfig) -> dict[str, Any]:
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-            for k in cfg if k != "paths"}
-
-
 def _levels_real(net: Any, dataset: Any, labels: np.ndarray, values: np.ndarray, num_values: int,
                  sigmas: Sequence[float], options: Mapping[str, Any], device: torch.device
                  ) -> tuple[Iterator[tuple[int, torch.Tensor, torch.Tensor]], np.ndarray, np.ndarray, np.ndarray,
@@ -375,13 +368,9 @@ def _levels_trajectory(net: Any, sampler: Mapping[str, Any], meta: Mapping[str, 
 def train_heads(cfg: DictConfig, out_dir: Path) -> HeadsFile:
     """Check, gather h (training images, or the model's own samples), fit and evaluate one head per level, write
     the files."""
-    options = _settings(cfg)
+    options = app_options(cfg)
     check_config(options)
-    checkpoint = resolve_checkpoint(options["checkpoint"]).resolve()
-    meta = metadata(load_checkpoint(checkpoint))
-    if not meta["finished"] and not options.get("allow_unfinished"):
-        raise UsageError(f"checkpoint {checkpoint} is unfinished ({meta['n_img']} of {meta['target_img']} training "
-                         "images); finish training it, or pass allow_unfinished=true")
+    checkpoint, meta = load_finished(options["checkpoint"], bool(options.get("allow_unfinished")))
     sampler = resolved_sampler(options["sampler"], meta)
     sigmas = evaluated_sigmas(sampler, sampler["sigma_min"], sampler["sigma_max"])
     dataset = build_dataset(meta["config"]["dataset"])
@@ -389,8 +378,7 @@ def train_heads(cfg: DictConfig, out_dir: Path) -> HeadsFile:
     labels = dataset.labels.numpy().astype(np.int64)
     class_names = [str(c) for c in dataset.class_names]
     num_values = len(value_names)
-    device = torch.device("cuda" if options["device"] == "cuda" or options["device"] == "auto"
-                          and torch.cuda.is_available() else "cpu")
+    device = app_device(options["device"])
     if device.type == "cpu":
         set_cpu_threads(options["threads"], "threads")
     precision = resolve_precision("precision", options["precision"], device)

@@ -84,9 +84,10 @@ def group_weights(entry: Mapping[str, Any], dataset: Any) -> tuple[Tensor, dict[
     from biasamp.checkpoints import ema_state_dict, load_checkpoint
     from biasamp.mitigation.groups import GroupsFile
 
+    base = load_checkpoint(entry["base"])
     groups = GroupsFile.load(entry["groups"])
-    groups.check_source(entry["base_sha256"], dict(load_checkpoint(entry["base"])["hyper_parameters"]["config"]
-                                                    ["dataset"]), len(dataset.labels), entry["groups"])
+    groups.check_source(entry["base_sha256"], dict(base["hyper_parameters"]["config"]["dataset"]),
+                        len(dataset.labels), entry["groups"])
     weights = torch.zeros(len(dataset.labels), groups.K, dtype=torch.float32)
     weights[torch.as_tensor(groups.indices, dtype=torch.long)] = torch.as_tensor(groups.W, dtype=torch.float32)
-    return weights, ema_state_dict(load_checkpoint(entry["base"]))
+    return weights, ema_state_dict(base)
