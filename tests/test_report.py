@@ -43,12 +43,14 @@ def _run_name(rho: float, train_seed: int = 0) -> str:
 
 
 def write_sweep(root: Path, rho: float, confusion: dict | None = None, train_seed: int = 0,
-                shift: tuple[int, int] = (0, 0), uncond: tuple[int, int] | None = None) -> Path:
+                shift: tuple[int, int] = (0, 0), uncond: tuple[int, int] | None = None, mitigation: str = "",
+                run: str | None = None) -> Path:
     """One count sweep folder (one checkpoint, 6 settings) exactly as biasamp.count writes it.
 
     ``train_seed``: the checkpoint's training seed (its run name says it); ``shift``: aligned samples of class
-    0 and 1 moved to the other colour (another seed's model); ``uncond``: (red, green) counts of an uncond row."""
-    run = _run_name(rho, train_seed)
+    0 and 1 moved to the other colour (another seed's model); ``uncond``: (red, green) counts of an uncond row;
+    ``mitigation``: results.csv's mitigation column; ``run``: another run name."""
+    run = run or _run_name(rho, train_seed)
     sweep = root / run
     for (r, steps, w), (a0, a1, inv0, inv1) in HAND.items():
         if r != rho:
@@ -91,7 +93,7 @@ def write_sweep(root: Path, rho: float, confusion: dict | None = None, train_see
             oracle_options='{"max_distance":80.0}', class_oracle="", precision="fp32", seed=0,
             n_per_class=N_PER_CLASS, n=n, n_aligned=k, rho_model=k / n, ci_low=ci.low, ci_high=ci.high,
             ci_method="clopper_pearson", ci_level=0.95, delta=k / n - rho, n_invalid=inv0 + inv1,
-            rho_model_valid=k / (n - inv0 - inv1), nfe=float(nfe), images_per_s=100.0)])
+            rho_model_valid=k / (n - inv0 - inv1), nfe=float(nfe), images_per_s=100.0, mitigation=mitigation)])
     return sweep
 
 
@@ -389,6 +391,34 @@ def test_results_table_carries_delta_interval_and_valid_share(sweeps):
     assert row["rho_model_valid"] == pytest.approx(58 / 88)  # 12 invalid samples left out
     md = tables.to_markdown(table)
     assert "delta_low" not in md and "ρ_data: the mean over the counted classes" in md
+
+
+def test_bias_table_beside_rho_when_a_job_counted_an_invdiff_model(tmp_path):
+    root = tmp_path / "runs" / "count"
+    base = write_sweep(root, 0.9)
+    assert tables.bias_table(tables.load_results(base)).empty  # no InvDiff model: no Bias table
+    mixed = write_sweep(root, 0.9, shift=(10, 4), mitigation="invdiff-grouper convex r=0.8 lam=1", run="inv")
+    df = tables.load_results([base, mixed])
+    assert set(df["mitigation"]) == {"none", "invdiff-grouper convex r=0.8 lam=1"}
+    assert "mitigation" in tables.swept_keys(df)
+    table = tables.bias_table(df)
+    assert len(table) == 2 * 6 * 3  # 2 models x 6 settings x (2 classes + mean)
+    pick = table[(table["sampler.num_steps"] == 6) & (table["guidance"] == 3)
+                 & (table["mitigation"] != "none")].set_index("class")
+    # class 0 of the mixed model: 30 - 10 = 20 red of 50 (5 invalid samples count as green): |20 - 30| / 50
+    assert pick.loc["0", "bias"] == pytest.approx(0.2) and pick.loc["0", "rho"] == pytest.approx(0.4)
+    lo, hi = _ci(20, 50)
+    assert (pick.loc["0", "bias_low"], pick.loc["0", "bias_high"]) == (0.0, pytest.approx(max(1 - 2 * lo, 2 * hi - 1)))
+    assert pick.loc["1", "bias"] == pytest.approx(abs(2 * 24 - 50) / 50)  # 28 - 4 = 24 green of 50
+    assert pick.loc["mean", "bias"] == pytest.approx((0.2 + 0.04) / 2) and pick.loc["mean", "rho"] == 0.44
+    assert pick.loc["mean", "ci_low"] == pytest.approx(_ci(44, 100)[0])
+    # the mean's Bias bounds: the classes' bounds at level 1 - 0.05 / 2, averaged
+    wide = [binomtest(k, 50).proportion_ci(0.975, method="exact") for k in (20, 24)]
+    high = np.mean([max(abs(2 * c.low - 1), abs(2 * c.high - 1)) for c in wide])
+    assert pick.loc["mean", "bias_high"] == pytest.approx(high) and pick.loc["mean", "bias_low"] == 0.0
+    md = tables.to_markdown(table)
+    assert "Bias [95% CI]" in md and "InvDiff's Bias per class" in md
+    assert "$|c_i - c_j|" in tables.to_latex(table, "bias")
 
 
 def test_bands_move_with_their_lines_and_stay_inside_the_axes(sweeps):

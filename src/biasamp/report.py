@@ -5,6 +5,7 @@ every interval with the configured method and level, and writes into ``out_dir``
 ``<first sweep>/report``):
 
 - ``results.{csv,md,tex}``: one row per (checkpoint, setting); ``per_class.{csv,md,tex}``: rho per class;
+  ``bias.{csv,md,tex}`` when a job counted an InvDiff model (InvDiff's Bias per class beside rho);
   ``seeds.{csv,md,tex}`` when settings were counted on models that differ only by their training seed (mean
   over seeds, between-seed SD, an interval with both sources of variation); ``uncond.{csv,md,tex}`` when jobs
   sampled the unconditional model;

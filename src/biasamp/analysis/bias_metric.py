@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,3 +64,41 @@ def bias_interval(counts: Sequence[int], level: float = 0.95) -> tuple[float, fl
     levels = np.concatenate([lows, highs])
     low = min(_pairwise(np.clip(m, lows, highs)) for m in levels)
     return value, low, high
+
+
+
+def bias_rows(job: Any, level: float = 0.95) -> list[dict[str, Any]]:
+    """Per class of one count job (analysis.tables.Job): class, rho (the aligned share) with its Clopper-Pearson
+    interval, Bias with its interval, n and the invalid share, every sample counted with the oracle's value for it,
+    invalid ones too (as rho_model counts them; InvDiff's classifier gives every image a value), so that with two
+    values Bias = |2 rho - 1|; then, with more
+    than one class, a row ``mean``: rho of all the job's samples (rho_model, with the results table's Clopper-Pearson
+    interval of the pooled counts) and the mean over the classes of Bias (InvDiff's summary over prompts) with the
+    mean of the classes' Bias bounds at level 1 - alpha/K (Bonferroni over the K classes: all hold together with
+    probability >= 1 - alpha, and then so does their mean)."""
+    from biasamp.analysis.estimates import class_value_matrix
+
+    classes, values = job.class_names, job.value_names
+    every = class_value_matrix(job.counts, classes, values, job.attribute)
+    valid = class_value_matrix(job.counts, classes, values, job.attribute, valid_only=True)
+    counted = [c for c in range(len(classes)) if every[c].sum() > 0]  # classes this job counted
+    wide_level = 1.0 - (1.0 - level) / max(len(counted), 1)
+    rows, wide, n_aligned = [], [], 0
+    for c in counted:
+        n = int(every[c].sum())
+        aligned = int(every[c, c]) if c < len(values) else 0
+        lo, hi = clopper_pearson(aligned, n, level)
+        bias, b_lo, b_hi = bias_interval(every[c], level)
+        rows.append({"class": classes[c], "rho": aligned / n, "ci_low": lo, "ci_high": hi, "bias": bias,
+                     "bias_low": b_lo, "bias_high": b_hi, "n": n, "invalid_frac": (n - int(valid[c].sum())) / n})
+        wide.append(bias_interval(every[c], wide_level)[1:])
+        n_aligned += aligned
+    if len(rows) > 1:
+        bounds = np.mean(np.array(wide, dtype=np.float64), axis=0)
+        n_all = sum(r["n"] for r in rows)
+        lo, hi = clopper_pearson(n_aligned, n_all, level)
+        rows.append({"class": "mean", "rho": n_aligned / n_all, "ci_low": lo, "ci_high": hi,
+                     "bias": float(np.mean([r["bias"] for r in rows])), "bias_low": float(bounds[0]),
+                     "bias_high": float(bounds[1]), "n": n_all,
+                     "invalid_frac": sum(r["invalid_frac"] * r["n"] for r in rows) / n_all})
+    return rows

@@ -23,6 +23,7 @@ from biasamp.analysis.plots import FIGURE_FORMATS, LINE_PLOTS, plot_count_heatma
 from biasamp.analysis.seeds import plot_frame, seed_table
 from biasamp.analysis.tables import (
     TABLE_FORMATS,
+    bias_table,
     expand_sweeps,
     load_job,
     load_results,
@@ -180,6 +181,7 @@ def build_report(s: Settings) -> dict[str, Any]:
     seeds = seeds_table(df, aggregate)
     uncond = uncond_table(df)
     steering = steering_table(df)  # jobs with h-space steering: FD per class, beside rho
+    bias = bias_table(df)  # when a job counted an InvDiff model: InvDiff's Bias per class, beside rho
     s.out_dir.mkdir(parents=True, exist_ok=True)
     tables = write_tables(results, s.out_dir, "results", s.tables)
     tables += write_tables(per_class, s.out_dir, "per_class", s.tables)
@@ -189,6 +191,8 @@ def build_report(s: Settings) -> dict[str, Any]:
         tables += write_tables(uncond, s.out_dir, "uncond", s.tables)
     if not steering.empty:
         tables += write_tables(steering, s.out_dir, "steering", s.tables)
+    if not bias.empty:
+        tables += write_tables(bias, s.out_dir, "bias", s.tables)
     figures: list[Path] = []
     lines = plot_frame(df, aggregate)  # a replicated setting is one line: its mean over seeds, the aggregate band
     if not steering.empty:  # steered jobs have their own figure (against the scale); the others show the rest

@@ -42,8 +42,8 @@ from biasamp.counting.state import STATE_NAME, read_state
 from biasamp.errors import UsageError
 
 # columns that name a setting, in the order tables and legends list them (other sampler.* go after sampler.eta)
-KEY_ORDER = ("rho_data", "train_seed", "run", "train_config", "checkpoint", "dataset", "attribute", "sampler.name",
-             "sampler.solver", "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
+KEY_ORDER = ("rho_data", "train_seed", "mitigation", "run", "train_config", "checkpoint", "dataset", "attribute",
+             "sampler.name", "sampler.solver", "sampler.num_steps", "sampler.s_churn", "sampler.order", "sampler.eta")
 KEY_ORDER_TAIL = ("guidance", "guidance_uncond", "guidance_interval", *STEER_COLUMNS, "oracle", "oracle_options",
                   "class_oracle", "precision", "seed", "n_per_class", "sweep")
 # never shown in a caption: long paths that the run name already stands for
@@ -66,7 +66,7 @@ LABELS_MD = {"rho_data": "ρ_data", "sampler.name": "sampler", "sampler.solver":
              "steer": "steering", "steer_target": "target", "steer_scale": "scale", "steer_batch": "B",
              "steer_temperature": "T", "steer_loss": "loss", "steer_branches": "steered rows",
              "steer_window": "σ window", "steer_heads": "heads", "target_aligned": "target (aligned)",
-             "fd": "FD", "fd_reference": "FD to"}
+             "fd": "FD", "fd_reference": "FD to", "bias": "Bias", "mitigation": "mitigation"}
 LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\mathrm{data}$ (class)",
               "sampler.s_churn": r"$S_\mathrm{churn}$",
               "sampler.s_min": r"$S_\mathrm{min}$", "sampler.s_max": r"$S_\mathrm{max}$",
@@ -79,7 +79,8 @@ LABELS_TEX = {"rho_data": r"$\rho_\mathrm{data}$", "class_rho_data": r"$\rho_\ma
 # a point estimate and the columns of its interval
 INTERVALS = {"rho_model": ("ci_low", "ci_high"), "rho": ("ci_low", "ci_high"),
              "rho_corrected": ("rho_corrected_low", "rho_corrected_high"),
-             "class_fidelity": ("class_fidelity_low", "class_fidelity_high"), "fd": ("fd_low", "fd_high")}
+             "class_fidelity": ("class_fidelity_low", "class_fidelity_high"), "fd": ("fd_low", "fd_high"),
+             "bias": ("bias_low", "bias_high")}
 # kept in the CSV, left out of Markdown/LaTeX
 HIDDEN_IN_TEXT = ("n_aligned", "n_invalid", "ci_method", "ci_level", "sweep", "job_dir", "delta_low", "delta_high",
                   "rho_model_valid", "rho_min", "rho_max")
@@ -146,6 +147,8 @@ def load_results(sweep_dirs: str | Path | Iterable[str | Path], method: str = "c
     df["ci_method"] = method
     df["ci_level"] = level
     df["delta"] = df["rho_model"] - df["rho_data"].astype(float)
+    if "mitigation" in df.columns:  # "" (a model trained as usual) reads as missing
+        df["mitigation"] = df["mitigation"].fillna("none")
     df["delta_low"] = df["ci_low"] - df["rho_data"].astype(float)  # rho_data is exact: the interval shifts
     df["delta_high"] = df["ci_high"] - df["rho_data"].astype(float)
     if "class_fidelity_k" in df:  # jobs counted with a class oracle: the same interval method for fidelity
@@ -448,6 +451,34 @@ def steering_table(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def has_mitigation(df: pd.DataFrame, prefix: str = "invdiff") -> bool:
+    """True when a job of ``df`` counted a model whose run was the ``prefix`` mitigation (the mitigation column)."""
+    return "mitigation" in df.columns and bool(df["mitigation"].astype(str).str.startswith(prefix).any())
+
+
+def bias_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per class of every job, when a job counted an InvDiff model: the swept keys, class, rho with its
+    Clopper-Pearson interval, InvDiff's Bias with its interval (analysis.bias_metric.bias_rows, with a ``mean``
+    row per job), n and the invalid share. Empty otherwise."""
+    from biasamp.analysis.bias_metric import bias_rows
+
+    if not has_mitigation(df):
+        return pd.DataFrame()
+    level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
+    keys = [k for k in swept_keys(df) if k != "rho_data"]
+    parts = []
+    for _, row in _sort(df, keys).iterrows():
+        table = pd.DataFrame(bias_rows(load_job(row), level))
+        for key in reversed(keys):
+            table.insert(0, key, row[key])
+        table["job_dir"], table["sweep"] = row["job_dir"], row["sweep"]
+        table["ci_method"], table["ci_level"] = "clopper_pearson", level
+        parts.append(table)
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs.update(_caption_attrs(df, keys, "bias", False))
+    return out
+
+
 def seeds_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per setting counted on models that differ only by their training seed (analysis.seeds): the
     swept keys of those rows, rho_data, rho_model (mean over seeds) with its seed-aggregate interval, delta with
@@ -606,6 +637,20 @@ def _caption(table: pd.DataFrame, tex: bool) -> str:
                 "invalid: share the oracle could not classify (counted in ρ and FD).")
         if tex:
             text = text.replace("(ρ)", r"($\rho$)").replace("‖p̂ $-$ target‖₂", r"$\|\hat p - t\|_2$")
+    elif a.get("kind") == "bias":
+        text = (f"InvDiff's Bias per class, sum over value pairs of |c_i {minus} c_j| / n / (V (V {minus} 1) / 2) "
+                f"over the oracle's counts of the class's samples (|c_aligned {minus} c_conflicting| / n = |2ρ {minus} "
+                f"1| with two values), with a {pct}{percent} interval (the image of the Clopper{dash}Pearson interval "
+                "with two values; a Bonferroni box over the values with more); ρ: the class's bias-aligned share of "
+                f"all its samples with {pct}{percent} Clopper{dash}Pearson intervals; mean: {rho_model} of the job "
+                "(pooled counts) and the mean Bias over the classes, its interval the mean of the classes' bounds at "
+                f"level 1 {minus} α/K (Bonferroni over the K classes); invalid: share the oracle could not "
+                "classify (counted in ρ and Bias with the value the oracle found nearest).")
+        if tex:
+            text = text.replace("ρ", r"$\rho$").replace("α", r"$\alpha$")
+            text = (text.replace(f"|c_i {minus} c_j| / n / (V (V {minus} 1) / 2)", r"$|c_i - c_j| / n / (V(V-1)/2)$")
+                    .replace(f"|c_aligned {minus} c_conflicting| / n = |2$\\rho$ {minus} 1|",
+                             r"$|c_\mathrm{aligned} - c_\mathrm{conflicting}| / n = |2\rho - 1|$"))
     elif a.get("kind") == "per_class":
         text = (f"Share of bias-aligned samples per class (ρ) with {pct}{percent} {method} intervals; "
                 f"{rho_data} (class): the class's bias-aligned share in the training data.")

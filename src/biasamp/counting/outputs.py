@@ -73,6 +73,17 @@ def train_config(plan: Plan) -> str:
     return identity_hash(seed_free_identity(plan.meta)) if plan.meta.get("identity") else ""
 
 
+def mitigation(plan: Plan) -> str:
+    """What the checkpoint's run did to a biased model, for results.csv's ``mitigation`` column: "" for a model
+    trained as usual; ``invdiff-<groups source> <mix> r=<r> lam=<lam>`` for InvDiff's mixed model
+    (training.invdiff), e.g. ``invdiff-grouper convex r=0.8 lam=1``."""
+    entry = plan.meta["config"].get("invdiff")
+    if not entry:
+        return ""
+    return (f"invdiff-{entry.get('groups_source', 'groups')} {entry['mix']} r={float(entry['r']):g} "
+            f"lam={float(entry['lam']):g}")
+
+
 def steer_columns(steering: dict[str, Any] | None) -> dict[str, Any] | None:
     """The STEER_COLUMNS of results.csv for a steered job (None for an unsteered one)."""
     if steering is None:
@@ -193,7 +204,8 @@ def write_outputs(plan: Plan, state: CountState, stats: RunStats, job_dir: Path,
         rho_model_by_attribute={a: est[a].rho_model for a in attributes}, summary=summary)
     write_meta(job_dir, meta)
     update_results(sweep_dir / RESULTS_NAME, [ResultsRow(
-        job_dir=job_dir.name, run=plan.run, checkpoint=str(plan.checkpoint), train_seed=training_seed(plan.meta),
+        job_dir=job_dir.name, run=plan.run, mitigation=mitigation(plan), checkpoint=str(plan.checkpoint),
+        train_seed=training_seed(plan.meta),
         train_config=train_config(plan), n_img=int(plan.meta["n_img"]), dataset=meta.dataset["name"],
         attribute=a, rho_data=rho_data[a], sampler=s.sampler, guidance=s.guidance, guidance_uncond=s.guidance_uncond,
         guidance_interval=json.dumps(interval) if interval else "", oracle=s.oracle["name"],

@@ -5,12 +5,13 @@ the sampler family, then ``SETTING_COLUMNS``, the steering columns (``STEER_COLU
 h-space steering: mode, target label, scale, block size B, temperature, loss, branches, sigma window as JSON, the
 heads file's h source and sha256), ``ESTIMATE_COLUMNS``, the class-fidelity columns (``FIDELITY_COLUMNS``, only for
 jobs counted with a class oracle) and ``SPEED_COLUMNS``. An ``attribute`` column names the bias attribute (Multi-
-Color MNIST has ``left`` and ``right``); ``train_seed`` and ``train_config`` (the hash of the training run's
-identity without its seeds) and ``n_img`` (how far the checkpoint was trained) let the report find models that
-differ only by training seed; ``rho_data`` is the class mean of the counted classes' training shares (as rho_model
-weighs classes equally); ``precision`` is the resolved one (fp32 | bf16). The file is updated under a file lock and
-a job's rows are replaced, never duplicated, when the job is written again. Only empty cells are missing values:
-``null`` (guidance_uncond) stays a string. Torch-free: the report reads it.
+Color MNIST has ``left`` and ``right``); ``mitigation`` says what the checkpoint's run did to the biased model (""
+for a model trained as usual; e.g. ``invdiff-grouper convex r=0.8 lam=1``); ``train_seed`` and ``train_config`` (the
+hash of the training run's identity without its seeds) and ``n_img`` (how far the checkpoint was trained) let the
+report find models that differ only by training seed; ``rho_data`` is the class mean of the counted classes'
+training shares (as rho_model weighs classes equally); ``precision`` is the resolved one (fp32 | bf16). The file is
+updated under a file lock and a job's rows are replaced, never duplicated, when the job is written again. Only empty
+cells are missing values: ``null`` (guidance_uncond) stays a string. Torch-free: the report reads it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from biasamp.atomic import atomic_write_text
 from biasamp.errors import UsageError
 
 RESULTS_NAME = "results.csv"
-HEAD_COLUMNS = ("job_dir", "run", "checkpoint", "train_seed", "train_config", "n_img", "dataset", "attribute",
-                "rho_data")
+HEAD_COLUMNS = ("job_dir", "run", "mitigation", "checkpoint", "train_seed", "train_config", "n_img", "dataset",
+                "attribute", "rho_data")
 SAMPLER_PREFIX = "sampler."
 SETTING_COLUMNS = ("guidance", "guidance_uncond", "guidance_interval", "oracle", "oracle_options", "class_oracle",
                    "precision", "seed", "n_per_class")
@@ -82,6 +83,7 @@ class ResultsRow:
     images_per_s: float | None
     fidelity: Mapping[str, Any] | None = None
     steering: Mapping[str, Any] | None = None  # STEER_COLUMNS of a steered job (counting.steering), else None
+    mitigation: str = ""  # "" for a model trained as usual, else what its run did (counting.outputs.mitigation)
 
     def record(self) -> dict[str, Any]:
         """The row as {column: value} in results.csv's column order."""
@@ -107,7 +109,7 @@ def results_columns(columns: Iterable[str]) -> list[str]:
 
 
 # columns read as text whatever they look like: an 8-hex hash such as 123e4567 or 01234567 is not a number
-TEXT_COLUMNS = ("job_dir", "run", "checkpoint", "train_config", "dataset", "attribute", "guidance_uncond",
+TEXT_COLUMNS = ("job_dir", "run", "mitigation", "checkpoint", "train_config", "dataset", "attribute", "guidance_uncond",
                 "guidance_interval", "oracle", "oracle_options", "class_oracle", "precision", "ci_method", "steer",
                 "steer_target", "steer_loss", "steer_branches", "steer_window", "steer_heads")
 

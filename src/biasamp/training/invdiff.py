@@ -28,6 +28,7 @@ from torch import Tensor
 from biasamp.errors import UsageError
 
 INVDIFF_KEYS = ("base", "groups", "r", "mix", "lam", "delta_channels")
+RESOLVED_KEYS = ("base_sha256", "groups_sha256", "groups_source")  # added by resolve_invdiff
 HINT = ("python -m biasamp.train experiment=invdiff invdiff.base=<base ckpt> invdiff.groups=<groups.pt of python -m "
         "biasamp.invdiff_groups checkpoint=<base ckpt>>")
 
@@ -38,7 +39,7 @@ def check_invdiff_config(entry: Mapping[str, Any] | None) -> None:
         return
     from biasamp.models.mixed import check_mix
 
-    unknown = sorted(set(entry) - set(INVDIFF_KEYS) - {"base_sha256", "groups_sha256"})
+    unknown = sorted(set(entry) - set(INVDIFF_KEYS) - set(RESOLVED_KEYS))
     if unknown:
         raise UsageError(f"invdiff.{unknown[0]} is not a setting (allowed: {', '.join(INVDIFF_KEYS)})")
     for key in ("base", "groups"):
@@ -56,13 +57,15 @@ def check_invdiff_config(entry: Mapping[str, Any] | None) -> None:
 
 
 def resolve_invdiff(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` of an InvDiff run with the base checkpoint's ``dataset`` and ``model`` and the two files'
-    sha256 in ``invdiff``; other settings unchanged. UsageError for a file that cannot be read."""
+    """``settings`` of an InvDiff run with the base checkpoint's ``dataset`` and ``model``, and in ``invdiff`` the two
+    files' sha256 and the groups' source (``grouper`` or ``true_labels``: what the count and report apps call the
+    model); other settings unchanged. UsageError for a file that cannot be read."""
     entry = settings.get("invdiff")
     if not entry:
         return dict(settings)
     from biasamp.checkpoints import load_checkpoint, metadata, resolve_checkpoint
     from biasamp.counting.plan import sha256_file
+    from biasamp.mitigation.groups import GroupsFile
 
     base = resolve_checkpoint(entry["base"]).resolve()
     meta = metadata(load_checkpoint(base))
@@ -73,7 +76,7 @@ def resolve_invdiff(settings: Mapping[str, Any]) -> dict[str, Any]:
     out["dataset"] = dict(meta["config"]["dataset"])
     out["model"] = dict(meta["config"]["model"])
     out["invdiff"] = {**entry, "base": str(base), "groups": str(groups), "base_sha256": sha256_file(base),
-                      "groups_sha256": sha256_file(groups)}
+                      "groups_sha256": sha256_file(groups), "groups_source": GroupsFile.load(groups).source}
     return out
 
 
