@@ -7,7 +7,7 @@ SMOKE  ?= 0
 SEEDS  ?= 1
 
 .PHONY: help install test test-slow test-gpu lint quickstart clean \
-	paper-bmnist paper-bmnist-2class paper-steps paper-guidance paper-multicolor mitigation-balancing
+	paper-bmnist paper-bmnist-2class paper-steps paper-guidance paper-multicolor mitigation-balancing mitigation-invdiff
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ paper-multicolor:  ## Multi-Color MNIST, left/right rho in {0.95, 0.99} x guidan
 
 mitigation-balancing:  ## Balancing Act: h-space heads + distribution guidance on the quick-start model (CPU, about 35 min; SMOKE=1: tiny)
 	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/mitigation-balancing/run.sh
+
+mitigation-invdiff:  ## InvDiff: label-free groups + side-network fine-tuning on a rho 0.95 quick-start model (CPU, about 20 min; SMOKE=1: tiny)
+	SMOKE=$(SMOKE) PY=$(PY) OUT=$(if $(filter 1,$(SMOKE)),$(OUT)/smoke,$(OUT)) bash experiments/mitigation-invdiff/run.sh
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache

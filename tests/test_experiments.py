@@ -110,3 +110,26 @@ def test_smoke_mitigation_balancing_runs_end_to_end(tmp_path):
     assert len(steering) == 2 * len(results)  # one row per class of every job
     assert (steering["fd_low"] <= steering["fd"]).all() and (steering["fd"] <= steering["fd_high"]).all()
     assert (sweep / "report" / "rho_vs_steer_scale.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_smoke_mitigation_invdiff_runs_end_to_end(tmp_path):
+    """make mitigation-invdiff SMOKE=1: base -> grouper and true-label groups -> three InvDiff fine-tunes -> counts
+    of the base and the mixed models at w 0 and 1 -> report with the mitigation column and the Bias table."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["make", "-s", "mitigation-invdiff", "SMOKE=1", f"PY={sys.executable}", f"OUT={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    smoke = tmp_path / "smoke"
+    for groups in ("grouper", "true_labels"):
+        diagnostics = json.loads((smoke / "invdiff" / f"invdiff_base_smoke-{groups}" / "diagnostics.json").read_text())
+        assert 0.0 <= diagnostics["auc"] <= 1.0
+    sweep = smoke / "count" / "mitigation-invdiff"
+    results = pd.read_csv(sweep / "results.csv", keep_default_na=False, na_values=[""])
+    assert len(results) == 4 * 2  # base, InvDiff (grouper: convex, residual; true labels) x w 0, 1
+    assert sorted(results["mitigation"].fillna("none").unique()) == [
+        "invdiff-grouper convex r=0.8 lam=1", "invdiff-grouper residual r=0.8 lam=1",
+        "invdiff-true_labels convex r=0.8 lam=1", "none"]
+    bias = pd.read_csv(sweep / "report" / "bias.csv")
+    assert len(bias) == 3 * len(results)  # 2 classes + the mean per job
+    assert (bias["bias_low"] <= bias["bias"]).all() and (bias["bias"] <= bias["bias_high"]).all()
