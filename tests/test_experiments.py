@@ -114,8 +114,8 @@ def test_smoke_mitigation_balancing_runs_end_to_end(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_smoke_mitigation_invdiff_runs_end_to_end(tmp_path):
-    """make mitigation-invdiff SMOKE=1: base -> grouper and true-label groups -> three InvDiff fine-tunes -> counts
-    of the base and the mixed models at w 0 and 1 -> report with the mitigation column and the Bias table."""
+    """make mitigation-invdiff SMOKE=1: base -> grouper and true-label groups -> two InvDiff fine-tunes -> counts
+    of the base and both mixed models at w 0 and 1 -> report with the mitigation column and the Bias table."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["make", "-s", "mitigation-invdiff", "SMOKE=1", f"PY={sys.executable}", f"OUT={tmp_path}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -126,10 +126,9 @@ def test_smoke_mitigation_invdiff_runs_end_to_end(tmp_path):
         assert 0.0 <= diagnostics["auc"] <= 1.0
     sweep = smoke / "count" / "mitigation-invdiff"
     results = pd.read_csv(sweep / "results.csv", keep_default_na=False, na_values=[""])
-    assert len(results) == 4 * 2  # base, InvDiff (grouper: convex, residual; true labels) x w 0, 1
+    assert len(results) == 3 * 2  # base, InvDiff (grouper), InvDiff (true labels) x w 0, 1
     assert sorted(results["mitigation"].fillna("none").unique()) == [
-        "invdiff-grouper convex r=0.8 lam=1", "invdiff-grouper residual r=0.8 lam=1",
-        "invdiff-true_labels convex r=0.8 lam=1", "none"]
+        "invdiff-grouper convex r=0.8 lam=1", "invdiff-true_labels convex r=0.8 lam=1", "none"]
     bias = pd.read_csv(sweep / "report" / "bias.csv")
     assert len(bias) == 3 * len(results)  # 2 classes + the mean per job
     assert (bias["bias_low"] <= bias["bias"]).all() and (bias["bias"] <= bias["bias_high"]).all()

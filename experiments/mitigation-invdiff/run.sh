@@ -3,9 +3,8 @@
 #   1. the base: the quick-start recipe at rho 0.95 (2-class Biased MNIST, tiny network; trained if not there yet);
 #   2. groups of its 800 training images: the label-free grouper (K = 8, losses at 8 fixed sigmas) and the true
 #      (class, colour) groups (the upper-bound control); each prints its AUC against the true bias labels;
-#   3. InvDiff fine-tuning of a side network beside the frozen base on each groups file (r 0.8, convex, lambda 1),
-#      and on the grouper's groups with the residual mix (F_frozen + 0.8 F_Delta);
-#   4. counts of the base (r = 0) and the three mixed models at w 0 and 1 (18-step EDM), then the report: results with
+#   3. InvDiff fine-tuning of a side network beside the frozen base on each groups file (r 0.8, convex, lambda 1);
+#   4. counts of the base (r = 0) and both mixed models at w 0 and 1 (18-step EDM), then the report: results with
 #      the mitigation column, and the Bias table (InvDiff's metric per class beside rho).
 # SMOKE=1: a tiny CPU version (2-step models, a 4-step sampler, 4 samples per class) that checks the pipeline.
 source "$(dirname "$0")/../common.sh"
@@ -30,11 +29,6 @@ for groups in grouper true_labels; do
         name="invdiff_$groups" resume=auto paths.output_dir="$OUT" trainer.enable_progress_bar=false "${FINETUNE[@]}"
     MODELS+=",$OUT/train/invdiff_$groups"
 done
-# the residual mix F_frozen + r F_Delta starts at the base model itself (the convex mix at 0.2 F_frozen)
-"$PY" -m biasamp.train experiment=invdiff invdiff.base="$BASE" invdiff.groups="$OUT/invdiff/$RUN-grouper/groups.pt" \
-    invdiff.mix=residual name=invdiff_grouper_residual resume=auto paths.output_dir="$OUT" \
-    trainer.enable_progress_bar=false "${FINETUNE[@]}"
-MODELS+=",$OUT/train/invdiff_grouper_residual"
 "$PY" -m biasamp.count -m checkpoint="$MODELS" sweep_name="$SWEEP" sampler=edm sampler.num_steps="$STEPS" \
     n_per_class="$N" guidance=0,1 paths.output_dir="$OUT" progress=false "${COUNT_COMMON[@]}" "${COUNT_SMOKE[@]}"
 "$PY" -m biasamp.report sweep="$OUT/count/$SWEEP" "${REPORT_SMOKE[@]}"

@@ -140,15 +140,18 @@ def make_groups(cfg: DictConfig, out_dir: Path) -> GroupsFile:
     diagnostics = grouper_diagnostics(w, aligned, labels, losses=losses)
     diagnostics.update(attribute=attribute, value_names=list(value_names), source=options["groups"], **info)
     settings = {**options, "checkpoint": str(checkpoint), "device": str(device), "precision": precision,
-                "K": int(w.shape[1]), "loss": loss_cfg, "sigma_mode": "fixed" if sigmas is not None else "random",
-                "loss_seconds": loss_seconds, "seconds": time.perf_counter() - start}
+                "K": int(w.shape[1]), "loss": loss_cfg, "sigma_mode": "fixed" if sigmas is not None else "random"}
+    # timings go to diagnostics.json only: groups.pt holds nothing that changes from one run to the next, so a
+    # rerun writes the same file (the same sha256) and a fine-tune on it resumes instead of starting anew
+    timing = {"loss_seconds": loss_seconds, "seconds": time.perf_counter() - start}
     groups = GroupsFile(W=w, indices=indices, labels=torch.as_tensor(labels), losses=losses,
                         sigmas=list(sigmas or []), sigma_mode=settings["sigma_mode"],
                         checkpoint_sha256=sha256_file(checkpoint), dataset={"config": dataset_cfg, "n": n},
                         source=options["groups"], settings=_plain(settings), diagnostics=_plain(diagnostics))
     out_dir.mkdir(parents=True, exist_ok=True)
     groups.save(out_dir / GROUPS_NAME)
-    atomic_write_json(out_dir / DIAGNOSTICS_NAME, groups.diagnostics)
+    atomic_write_json(out_dir / DIAGNOSTICS_NAME, {**groups.diagnostics, **timing})
+    groups.timing = timing  # for the app's summary line
     return groups
 
 
@@ -156,7 +159,7 @@ def run(cfg: DictConfig) -> GroupsFile:
     """Make the groups (bad input: one line, exit 2, no folder left); print the diagnostics line."""
     out_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     groups = run_app("invdiff_groups", lambda: make_groups(cfg, out_dir), out_dir)
-    s = groups.settings
+    s = groups.timing
     mode = f"{len(groups.sigmas)} fixed sigmas" if groups.sigma_mode == "fixed" else "one random sigma"
     print(f"biasamp.invdiff_groups: {groups.source}, K={groups.K} groups of {groups.n} images (losses at {mode}, "
           f"{s['loss_seconds']:.0f} s; {s['seconds']:.0f} s in all): {diagnostics_line(groups.diagnostics)}; "
