@@ -142,6 +142,7 @@ def test_a_mixed_checkpoint_loads_through_the_usual_loader(tiny_checkpoint, tmp_
         assert not torch.equal(loaded(x, torch.tensor([1.0, 5.0]), y), base(x, torch.tensor([1.0, 5.0]), y))
 
 
+@pytest.mark.slow  # the default suite runs make mitigation-invdiff SMOKE=1 (tests/test_experiments.py) instead
 def test_invdiff_fine_tuning_trains_delta_only_and_the_mixed_checkpoint_counts(tiny_checkpoint, tmp_path):
     """groups app -> train experiment=invdiff (3 steps) -> the checkpoint: the frozen base equals the base's EMA
     weights, Delta moved, the identity holds both files' sha256, the dataset is the base's; it counts through the
