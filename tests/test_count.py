@@ -80,8 +80,8 @@ def test_count_writes_pinned_formats(tiny_checkpoint, tmp_path):
     results = pd.read_csv(job.parent / "results.csv")
     assert len(results) == 1
     assert list(results.columns) == [
-        "job_dir", "run", "checkpoint", "train_seed", "train_config", "n_img", "dataset", "attribute", "rho_data",
-        "sampler.name", "sampler.solver",
+        "job_dir", "run", "mitigation", "checkpoint", "train_seed", "train_config", "n_img", "dataset", "attribute",
+        "rho_data", "sampler.name", "sampler.solver",
         "sampler.num_steps", "sampler.sigma_min", "sampler.sigma_max", "sampler.rho", "sampler.s_churn",
         "sampler.s_min", "sampler.s_max", "sampler.s_noise", "sampler.n_skipped_steps", "guidance",
         "guidance_uncond", "guidance_interval", "oracle", "oracle_options", "class_oracle", "precision", "seed",
