@@ -435,19 +435,25 @@ def steering_table(df: pd.DataFrame) -> pd.DataFrame:
 
     if not has_steering(df):
         return pd.DataFrame()
-    level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
-    frame = steering_frame(df)
+    return _per_class_jobs(steering_frame(df), fd_rows, "steering")
+
+
+def _per_class_jobs(frame: pd.DataFrame, rows: Callable[[Job, float], list[dict[str, Any]]], kind: str
+                    ) -> pd.DataFrame:
+    """One block of ``rows(job, level)`` (per-class rows, Clopper-Pearson at the report's level) per job of
+    ``frame``, each led by the job's swept keys (rho_data aside) and tagged with its folder; captioned as ``kind``."""
+    level = float(frame.attrs.get("ci_level", frame["ci_level"].iloc[0]))
     keys = [k for k in swept_keys(frame) if k != "rho_data"]
     parts = []
     for _, row in _sort(frame, keys).iterrows():
-        table = pd.DataFrame(fd_rows(load_job(row), level))
+        table = pd.DataFrame(rows(load_job(row), level))
         for key in reversed(keys):
             table.insert(0, key, row[key])
         table["job_dir"], table["sweep"] = row["job_dir"], row["sweep"]
         table["ci_method"], table["ci_level"] = "clopper_pearson", level
         parts.append(table)
     out = pd.concat(parts, ignore_index=True)
-    out.attrs.update(_caption_attrs(frame, keys, "steering", False))
+    out.attrs.update(_caption_attrs(frame, keys, kind, False))
     return out
 
 
@@ -464,19 +470,7 @@ def bias_table(df: pd.DataFrame) -> pd.DataFrame:
 
     if not has_mitigation(df):
         return pd.DataFrame()
-    level = float(df.attrs.get("ci_level", df["ci_level"].iloc[0]))
-    keys = [k for k in swept_keys(df) if k != "rho_data"]
-    parts = []
-    for _, row in _sort(df, keys).iterrows():
-        table = pd.DataFrame(bias_rows(load_job(row), level))
-        for key in reversed(keys):
-            table.insert(0, key, row[key])
-        table["job_dir"], table["sweep"] = row["job_dir"], row["sweep"]
-        table["ci_method"], table["ci_level"] = "clopper_pearson", level
-        parts.append(table)
-    out = pd.concat(parts, ignore_index=True)
-    out.attrs.update(_caption_attrs(df, keys, "bias", False))
-    return out
+    return _per_class_jobs(df, bias_rows, "bias")
 
 
 def seeds_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFrame:
